@@ -1,0 +1,5 @@
+import sys
+
+from hatlm.cli import main
+
+sys.exit(main())
