@@ -226,6 +226,9 @@ class ModelConfig:
             raise ConfigError(f"{source}: no rms_norm_eps (Mistral-7B uses 1e-5); add it to the config")
         extra = dict(d.get("hatlm") or {})
         attn_backend = extra.pop("attn_backend", "sdpa")
+        # A saved causal/pause arm writes its real decoder depth (L + K) as num_hidden_layers so that
+        # transformers can load it; `backbone_layers` keeps L (see hatlm.checkpoint.hf_config_dict).
+        backbone_layers = extra.pop("backbone_layers", None)
         hybrid = hybrid_from_dict(extra, source) if extra else HybridConfig(arm="causal", thought_slots=0)
         if not extra:
             hybrid.thinker_layers = 0
@@ -237,7 +240,7 @@ class ModelConfig:
                 vocab_size=d["vocab_size"],
                 hidden_size=d["hidden_size"],
                 intermediate_size=d["intermediate_size"],
-                num_hidden_layers=d["num_hidden_layers"],
+                num_hidden_layers=d["num_hidden_layers"] if backbone_layers is None else backbone_layers,
                 num_attention_heads=d["num_attention_heads"],
                 num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
                 head_dim=d.get("head_dim"),

@@ -516,3 +516,9 @@ class HatLM(nn.Module):
             for _ in self.decoder.layers
         ]
 
+    # ------------------------------------------------------------------ generation
+    def generate(self, *args, **kwargs):
+        """Generate text: `hatlm.generate.generate(self, tokenizer, prompts, ...)` (see there)."""
+        from hatlm.generate import generate
+
+        return generate(self, *args, **kwargs)

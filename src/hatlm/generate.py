@@ -1,0 +1,795 @@
+"""Text generation for all three arms: think once, prefill a preallocated KV cache, decode.
+
+    prompt ──(hybrid: think, optional gradient refinement of the thoughts)──► decoder prefill over
+    [prompt ; thoughts] writes keys/values at positions 0..n+m−1 ──► the first token comes from the
+    logits at the last thought position ──► decode one token per step at position n+m, n+m+1, …
+    (hybrid + `rethink_every=R`: every R generated tokens, think again over prompt + text so far and
+    prefill the cache afresh from the refreshed sequence)
+
+Every row of a batch has the layout [prompt ; thoughts ; generated] at positions 0, 1, 2, … with no
+padding holes, and its own query positions and key length in the attention mask, so a batch of
+prompts of different lengths gives each row its single-prompt result (no left padding).
+
+Speed. Prefill goes through the model's own layers (`HatLM.run_layers`). The decode step is a
+functional re-statement of the same Mistral layer that reads the model's weights directly: no module
+calls, q/k/v and gate/up projections fused into one matrix product each (for models small enough
+that the concatenated copies do not matter), RoPE from a table, the query heads of a key/value group
+laid out as that group's queries (no GQA key expansion), attention over the used part of the cache
+only, and no mask at all while every row sits at the same position (the common batch-1 case). The
+tests pin this path to the model's full recomputation (exact greedy tokens, logits ≤ 1e-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hatlm.errors import UserError
+from hatlm.masks import to_sdpa_mask
+
+# Fuse q/k/v (and gate/up) weights into one matrix per layer only below this many bytes of
+# projection weights: the fused copies double that memory, which is fine for tiny models and not
+# for Mistral 7B on a GPU (where the matrix products dominate and fusion gains little anyway).
+FUSE_MAX_BYTES = 512 * 2**20
+
+REFINE_OBJECTIVES = ("entropy", "reread")
+
+
+@dataclass
+class GenerationResult:
+    """What `generate` returns, one entry per prompt."""
+
+    tokens: list[list[int]]  # generated ids (without the prompt, without the final EOS)
+    texts: list[str]  # decoded text (stop strings and what follows them removed)
+    stats: list[dict[str, Any]]  # per prompt, see `generate`
+    logits: list[Tensor] | None = None  # with output_logits=True: [n_generated, V] per prompt (float32, CPU)
+
+
+# ------------------------------------------------------------------------------------ decode state
+
+
+class _Decoder:
+    """The preallocated KV cache plus a fast single-token decode step for one batch."""
+
+    def __init__(self, model, batch: int, max_len: int) -> None:
+        c = model.config
+        self.model = model
+        self.batch = batch
+        self.max_len = max_len
+        self.H, self.Hkv, self.D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.G = self.H // self.Hkv
+        self.d = c.hidden_size
+        self.eps = c.rms_norm_eps
+        self.window = c.sliding_window
+        self.caches = model.setup_caches(batch, max_len)
+        dev, dt = model.device, model.dtype
+        self.device = dev
+        # RoPE table from the model's own rotary module (same arithmetic per position, so the values
+        # are bitwise those of a full pass). rotate_half(x)·sin = roll(x, D/2)·[−sin_lo, sin_hi].
+        cos, sin = model.rope(torch.arange(max_len, device=dev)[None], dt)  # [1, 1, L, D] each
+        cos, sin = cos[0, 0], sin[0, 0]
+        half = self.D // 2
+        self.cos = cos
+        self.sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        layers = model.decoder.layers
+        proj_bytes = sum(
+            p.numel() * p.element_size()
+            for blk in layers
+            for p in (*blk.self_attn.parameters(), *blk.mlp.gate_proj.parameters(), *blk.mlp.up_proj.parameters())
+        )
+        fuse = proj_bytes <= FUSE_MAX_BYTES
+        self.layers = []
+        for blk in layers:
+            a, mlp = blk.self_attn, blk.mlp
+            if fuse:
+                qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], dim=0)
+                gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0)
+            else:
+                qkv = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+                gu = (mlp.gate_proj.weight, mlp.up_proj.weight)
+            self.layers.append(
+                (
+                    blk.input_layernorm.weight,
+                    qkv,
+                    a.o_proj.weight,
+                    blk.post_attention_layernorm.weight,
+                    gu,
+                    mlp.down_proj.weight,
+                )
+            )
+        self.embed = model.decoder.embed_tokens.weight
+        self.norm = model.decoder.norm.weight
+        self.lm_head = model.lm_head.weight
+
+    # ---------------------------------------------------------------- prefill (the model's own layers)
+    def prefill(self, x: Tensor, prompt_lengths: Tensor, seq_lengths: Tensor, prefix: bool) -> Tensor:
+        """Run the decoder over x [B, N, d] (right-padded rows of seq_lengths[b] positions), filling
+        the cache at positions 0..N−1 → logits [B, V] at each row's last valid position."""
+        model = self.model
+        B, N, _ = x.shape
+        positions = torch.arange(N, device=x.device).expand(B, N)
+        fn = model.decoder_mask_fn(positions, seq_lengths, prompt_lengths if prefix else None)
+        mask = model.build_mask(fn, B, N, N)
+        h = model.run_layers(model.decoder.layers, x, positions, mask, self.caches)
+        last = (seq_lengths - 1).view(B, 1, 1).expand(B, 1, h.shape[-1])
+        return model.logits_from_hidden(h.gather(1, last)[:, 0])
+
+    # ---------------------------------------------------------------- one decode step
+    def step(self, tokens: Tensor, pos: list[int]) -> Tensor:
+        """Feed tokens [B] at positions pos (host ints, one per row) → next-token logits [B, V]."""
+        B, H, Hkv, G, D, d, eps = self.batch, self.H, self.Hkv, self.G, self.D, self.d, self.eps
+        x = F.embedding(tokens, self.embed)  # [B, d]
+        p0 = pos[0]
+        uniform = all(p == p0 for p in pos)
+        if uniform:
+            # Every row at the same position: attend over a slice of the cache, no mask needed.
+            cos, sin = self.cos[p0], self.sin[p0]  # [D]
+            hi = p0 + 1
+            lo = max(0, hi - self.window) if self.window is not None else 0
+            mask = None
+        else:
+            pt = torch.tensor(pos, device=self.device)
+            cos, sin = self.cos[pt][:, None], self.sin[pt][:, None]  # [B, 1, D]
+            hi, lo = max(pos) + 1, 0
+            # The decoder's own mask predicate for these query positions and key lengths.
+            fn = self.model.decoder_mask_fn(pt[:, None], pt + 1, None)
+            mask = to_sdpa_mask(fn, B, 1, hi, self.device)  # [B, 1, 1, hi]; broadcasts over the G queries
+            idx = pt.view(B, 1, 1, 1).expand(B, Hkv, 1, D)
+        nqk = (H + Hkv) * D
+        for (ln1, qkv_w, o_w, ln2, gu_w, down_w), cache in zip(self.layers, self.caches):
+            h = F.rms_norm(x, (d,), ln1, eps)
+            if isinstance(qkv_w, tuple):
+                qkv = torch.cat([F.linear(h, w) for w in qkv_w], dim=-1)
+            else:
+                qkv = F.linear(h, qkv_w)  # [B, (H + 2 Hkv) D]
+            qk = qkv[:, :nqk].view(B, H + Hkv, D)
+            qk = qk * cos + qk.roll(D // 2, -1) * sin
+            # Query head h uses key/value head h // G, so the G heads of a group become G queries
+            # of that group: [B, H, D] → [B, Hkv, G, D].
+            q = qk[:, :H].reshape(B, Hkv, G, D)
+            k = qk[:, H:]  # [B, Hkv, D]
+            v = qkv[:, nqk:].view(B, Hkv, D)
+            if uniform:
+                cache.k[:, :, p0] = k
+                cache.v[:, :, p0] = v
+            else:
+                cache.k.scatter_(2, idx, k[:, :, None])
+                cache.v.scatter_(2, idx, v[:, :, None])
+            o = F.scaled_dot_product_attention(q, cache.k[:, :, lo:hi], cache.v[:, :, lo:hi], attn_mask=mask)
+            x = x + F.linear(o.reshape(B, H * D), o_w)
+            h = F.rms_norm(x, (d,), ln2, eps)
+            if isinstance(gu_w, tuple):
+                g, u = F.linear(h, gu_w[0]), F.linear(h, gu_w[1])
+            else:
+                g, u = F.linear(h, gu_w).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(g) * u, down_w)
+        return F.linear(F.rms_norm(x, (d,), self.norm, eps), self.lm_head)
+
+
+# ------------------------------------------------------------------------------------ thinking
+
+
+def _pad_rows(rows: Sequence[Sequence[int]], device) -> tuple[Tensor, Tensor]:
+    """Right-pad id lists → ids [B, P] (pad id 0; padding is never attended) and lengths [B]."""
+    P = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), P, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids.to(device), torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)
+
+
+def _thought_index(prompt_lengths: Tensor, m: int) -> Tensor:
+    return prompt_lengths[:, None] + torch.arange(m, device=prompt_lengths.device)  # [B, m]
+
+
+def _with_thoughts(think, thoughts: Tensor):
+    """A ThinkResult whose thought positions hold `thoughts` [B, m, d] (differentiable in them)."""
+    B, m, d = thoughts.shape
+    idx = _thought_index(think.prompt_lengths, m)[..., None].expand(B, m, d)
+    return dataclasses.replace(think, z=think.z.scatter(1, idx, thoughts))
+
+
+def refine_objective(model, ids: Tensor, prompt_lengths: Tensor, think, thoughts: Tensor, objective: str) -> Tensor:
+    """The per-row objective [B] that gradient refinement lowers, as a function of the thoughts.
+
+    "entropy": entropy (nats) of the decoder's next-token distribution at the last thought position,
+        i.e. of the first answer token. The decoder is causal, so this is the position where the
+        thoughts act; lowering it makes the model more decisive about how to begin (test-time
+        entropy minimisation).
+    "reread": mean negative log-likelihood of the decoder re-reading the prompt (without its first
+        token) after [prompt ; thoughts]: how well the thoughts let the decoder reproduce the prompt.
+
+    ids [B, P] right-padded prompts, prompt_lengths [B]; think from `model.think` on them.
+    """
+    m = thoughts.shape[1]
+    B = ids.shape[0]
+    think = _with_thoughts(think, thoughts)
+    n = prompt_lengths
+    if objective == "entropy":
+        seq = ids
+        lengths = n + m
+    elif objective == "reread":
+        # Row b: prompt p_1..p_n, then p_2..p_n again → [B, 2n−1] right-padded.
+        L = int((2 * n - 1).max())
+        j = torch.arange(L, device=ids.device)[None, :]
+        src = torch.where(j < n[:, None], j, j - n[:, None] + 1).clamp(max=ids.shape[1] - 1)
+        seq = ids.gather(1, src)
+        lengths = 2 * n - 1 + m
+    else:
+        raise UserError(f"refine objective must be one of {', '.join(REFINE_OBJECTIVES)}; got {objective!r}")
+    x = model.decoder_inputs(seq, n, think)  # [B, L+m, d]
+    N = x.shape[1]
+    positions = torch.arange(N, device=x.device).expand(B, N)
+    fn = model.decoder_mask_fn(positions, lengths, n)
+    h = model.run_layers(model.decoder.layers, x, positions, model.build_mask(fn, B, N, N))
+    if objective == "entropy":
+        last = (n + m - 1).view(B, 1, 1).expand(B, 1, h.shape[-1])
+        logp = F.log_softmax(model.logits_from_hidden(h.gather(1, last)[:, 0]).float(), dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+    # Re-read: decoder position n+m−1+i predicts re-read token i+2 (i = 0..n−2), found at seq[n+i].
+    T = int((n - 1).max())
+    if T == 0:
+        return torch.zeros(B, device=x.device)
+    i = torch.arange(T, device=x.device)[None, :]
+    valid = i < (n - 1)[:, None]
+    hpos = (n[:, None] + m - 1 + i).clamp(max=N - 1)
+    tgt = seq.gather(1, (n[:, None] + i).clamp(max=seq.shape[1] - 1))
+    hs = h.gather(1, hpos[..., None].expand(B, T, h.shape[-1]))
+    logp = F.log_softmax(model.logits_from_hidden(hs).float(), dim=-1)
+    nll = -logp.gather(-1, tgt[..., None])[..., 0]
+    return (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
+def refine_thoughts(
+    model, ids: Tensor, prompt_lengths: Tensor, think, steps: int, lr: float, objective: str = "entropy"
+) -> tuple[Any, Tensor, Tensor]:
+    """Gradient refinement of the thought vectors (DESIGN.md §1.2); the weights stay frozen.
+
+    Method: normalised gradient descent per row with backtracking. Each step moves the row's thoughts
+    t (all m vectors together) by lr·‖t‖ along −∇/‖∇‖ of `refine_objective`; a step that does not
+    lower the objective is rejected and that row's step size halves. So the objective never rises,
+    and the step is relative to the thoughts' own scale (no unit to tune). Gradients are taken with
+    `torch.autograd.grad` with respect to the thoughts only: no parameter's `.grad` is touched.
+
+    Returns (think with refined thoughts, objective before [B], objective after [B]).
+    """
+    m = model.config.num_thought_slots
+    with torch.inference_mode(False), torch.enable_grad():
+        # Tensors made under inference mode cannot enter autograd: take normal copies.
+        think = dataclasses.replace(
+            think,
+            z=think.z.clone(),
+            z0=think.z0.clone(),
+            prompt_lengths=think.prompt_lengths.clone(),
+        )
+        ids, n = ids.clone(), prompt_lengths.clone()
+        B = ids.shape[0]
+
+        def evaluate(t: Tensor) -> tuple[Tensor, Tensor]:
+            t = t.detach().requires_grad_(True)
+            obj = refine_objective(model, ids, n, think, t, objective)
+            (grad,) = torch.autograd.grad(obj.sum(), [t])  # rows are independent: sum = per-row grads
+            return obj.detach(), grad
+
+        best = think.thoughts(m).detach()
+        best_obj, grad = evaluate(best)
+        before = best_obj.clone()
+        step = torch.full((B,), float(lr), device=best.device)
+        for _ in range(steps):
+            gnorm = grad.flatten(1).norm(dim=1).clamp(min=1e-30)
+            tnorm = best.flatten(1).norm(dim=1)
+            cand = best - (step * tnorm / gnorm)[:, None, None] * grad
+            obj, g = evaluate(cand)
+            ok = obj < best_obj
+            best = torch.where(ok[:, None, None], cand, best)
+            best_obj = torch.where(ok, obj, best_obj)
+            grad = torch.where(ok[:, None, None], g, grad)
+            step = torch.where(ok, step, step / 2)
+        refined = _with_thoughts(think, best.detach())
+        refined = dataclasses.replace(refined, z=refined.z.detach(), z0=think.z0.detach())
+    return refined, before, best_obj
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+def _select(
+    logits: Tensor,
+    seen: Tensor | None,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float,
+    generators: list[torch.Generator] | None,
+) -> Tensor:
+    """Next tokens [B] from logits [B, V] (Hugging Face's order: penalty, temperature, top-k, top-p)."""
+    logits = logits.float()
+    if seen is not None:
+        # CTRL-style penalty on every token already present (prompt and generated).
+        pen = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, pen, logits)
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token once the more likely ones already reach top_p (the most likely always stays).
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[:, 0] = False
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    # One generator per row: a row's samples do not depend on the other rows of the batch.
+    return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
+
+
+class _RowText:
+    """Decoded text of one row as it grows: stop strings, and streaming that never shows text that a
+    stop string may still swallow (pieces streamed always concatenate to the final text)."""
+
+    def __init__(self, tokenizer, stop: list[str], stream: Callable[[int, str], None] | None, row: int) -> None:
+        from hatlm.tokenizer import StreamDecoder
+
+        self.sd = StreamDecoder(tokenizer)
+        self.stop = stop
+        self.stream = stream
+        self.row = row
+        self.sent = 0
+        self.final: str | None = None
+
+    def push(self, token: int) -> bool:
+        """Add a token; True when a stop string has appeared (the text is then final)."""
+        piece = self.sd.push(token)
+        if not piece:
+            return False
+        text = self.sd.emitted
+        if self.stop:
+            start = max(0, len(text) - len(piece) - max(len(s) for s in self.stop) + 1)
+            hits = [i for s in self.stop if (i := text.find(s, start)) >= 0]
+            if hits:
+                self.final = text[: min(hits)]
+                self._emit(self.final)
+                return True
+        self._emit(text, hold=self._held_back(text))
+        return False
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest suffix of text that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+    def _emit(self, text: str, hold: int = 0) -> None:
+        upto = len(text) - hold
+        if self.stream is not None and upto > self.sent:
+            self.stream(self.row, text[self.sent : upto])
+        self.sent = max(self.sent, upto)
+
+    def finish(self) -> str:
+        if self.final is None:
+            self.sd.flush()
+            self.final = self.sd.emitted
+        self._emit(self.final)
+        return self.final
+
+
+# ------------------------------------------------------------------------------------ generate
+
+
+def _encode_prompts(tokenizer, prompts, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise UserError("prompts must be a list of strings or a list of token-id lists")
+    if len(prompts) == 0:
+        raise UserError("no prompts given: pass at least one prompt")
+    rows = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if not p.strip():
+                raise UserError(f"prompt {i} is empty; give some text to continue")
+            if tokenizer is None:
+                raise UserError("text prompts need a tokenizer; pass one or give token-id lists")
+            ids = list(tokenizer.encode(p, bos=True))
+        elif isinstance(p, Sequence) or isinstance(p, Tensor):
+            ids = [int(t) for t in p]
+            if not ids:
+                raise UserError(f"prompt {i} has no tokens")
+        else:
+            raise UserError(f"prompt {i} must be a string or a list of token ids; got {type(p).__name__}")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise UserError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
+        rows.append(ids)
+    return rows
+
+
+def _check_options(model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, rethink_every, refine_steps,
+                   refine_lr, refine_objective_name, think_iters) -> None:  # fmt: skip
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
+    if temperature < 0 or not math.isfinite(temperature):
+        raise UserError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be >= 1; got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1]; got {top_p}")
+    if repetition_penalty <= 0:
+        raise UserError(f"repetition_penalty must be > 0 (1 = off); got {repetition_penalty}")
+    if think_iters is not None and think_iters < 0:
+        raise UserError(f"think_iters must be >= 0; got {think_iters}")
+    if rethink_every is not None:
+        if rethink_every < 1:
+            raise UserError(f"rethink_every must be >= 1 (or None to disable); got {rethink_every}")
+        if model.arm != "hybrid":
+            raise UserError(f"rethink_every needs the hybrid arm (it re-runs the thinker); this model is {model.arm!r}")
+    if refine_steps < 0:
+        raise UserError(f"refine_steps must be >= 0; got {refine_steps}")
+    if refine_steps:
+        if model.arm != "hybrid":
+            raise UserError(
+                f"refine_steps needs the hybrid arm (it refines thought vectors); this model is {model.arm!r}"
+            )
+        if model.config.num_thought_slots == 0:
+            raise UserError("refine_steps needs thought slots; this model has thought_slots=0")
+        if refine_lr <= 0:
+            raise UserError(f"refine_lr must be > 0; got {refine_lr}")
+        if refine_objective_name not in REFINE_OBJECTIVES:
+            raise UserError(
+                f"refine_objective must be one of {', '.join(REFINE_OBJECTIVES)}; got {refine_objective_name!r}"
+            )
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str] | list[list[int]],
+    max_new_tokens: int = 64,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | list[int] | None = None,
+    stop: list[str] | None = None,
+    think_iters: int | None = None,
+    halting_threshold: float | None = None,
+    rethink_every: int | None = None,
+    refine_steps: int = 0,
+    refine_lr: float = 0.1,
+    refine_objective: str = "entropy",
+    stream: Callable[[int, str], None] | None = None,
+    ignore_eos: bool = False,
+    output_logits: bool = False,
+) -> GenerationResult:
+    """Generate continuations of `prompts` with any arm (causal, pause, hybrid).
+
+    prompts: strings (encoded with BOS) or token-id lists (used as they are).
+    temperature 0 is greedy; otherwise sampling with optional top_k / top_p. repetition_penalty
+    divides positive (multiplies negative) logits of every token already in the row (HF/CTRL rule).
+    seed: an int gives every row a generator seeded with it (so a row reproduces its single-prompt
+    run), a list gives one seed per row; None draws the seeds from torch's global RNG.
+    stop: strings ending a row's generation (checked on the decoded text, excluded from it; the
+    row's `tokens` keep the token that completed the stop string). EOS ends a row unless ignore_eos.
+    think_iters / halting_threshold override the config for thinking (hybrid).
+    rethink_every=R (hybrid): every R generated tokens think again over prompt + text so far and
+    rebuild the decoder cache from the refreshed sequence.
+    refine_steps=G (hybrid): G steps of gradient refinement of the thoughts after each think, lowering
+    `refine_objective` ("entropy" of the first-token distribution, or "reread"; see
+    `refine_thoughts`), with relative step size refine_lr.
+    stream(row, text_piece) is called as text becomes final; the pieces of a row concatenate to its text.
+
+    stats per prompt: prompt_tokens, new_tokens, think_iterations and final_change (of the first
+    think), rethinks, rethink_iterations, thought_shifts (relative L2 change ‖t_new − t_old‖/‖t_old‖
+    of the m thought vectors at each re-think) and thought_shift (their mean, 0.0 if none),
+    refine_before / refine_after (objective of the first think; None without refinement),
+    time_to_first_token_s, tokens_per_s (tokens after the first / time after the first), stop_reason
+    ("eos", "stop" or "length").
+    """
+    cfg = model.config
+    _check_options(model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, rethink_every, refine_steps,
+                   refine_lr, refine_objective, think_iters)  # fmt: skip
+    rows = _encode_prompts(tokenizer, prompts, cfg.vocab_size)
+    B = len(rows)
+    m = cfg.num_thought_slots
+    longest = max(len(r) for r in rows)
+    max_len = longest + m + max_new_tokens
+    if max_len > cfg.max_position_embeddings:
+        raise UserError(
+            f"prompt of {longest} tokens + {m} thought slots + {max_new_tokens} new tokens = {max_len} positions "
+            f"exceeds the model's context of {cfg.max_position_embeddings}; shorten the prompt or max_new_tokens "
+            f"(at most {cfg.max_position_embeddings - m - max_new_tokens} prompt tokens here)"
+        )
+    stop = [s for s in (stop or []) if s]
+    if (stop or stream is not None) and tokenizer is None:
+        raise UserError("stop strings and streaming need a tokenizer")
+    if isinstance(seed, Sequence):
+        if len(seed) != B:
+            raise UserError(f"seed list has {len(seed)} entries for {B} prompts")
+        seeds = [int(s) for s in seed]
+    elif seed is not None:
+        seeds = [int(seed)] * B
+    else:
+        seeds = torch.randint(0, 2**62, (B,)).tolist()
+    eos = cfg.eos_token_id if tokenizer is None else tokenizer.eos_id
+    device = model.device
+    was_training = model.training
+    model.eval()
+    t_start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            return _generate(
+                model, tokenizer, rows, max_new_tokens, max_len, eos, device, t_start,
+                temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                seeds=seeds, stop=stop, think_iters=think_iters, halting_threshold=halting_threshold,
+                rethink_every=rethink_every, refine_steps=refine_steps, refine_lr=refine_lr,
+                refine_objective=refine_objective, stream=stream, ignore_eos=ignore_eos,
+                output_logits=output_logits,
+            )  # fmt: skip
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, tokenizer, rows, max_new_tokens, max_len, eos, device, t_start, *, temperature, top_k, top_p,
+              repetition_penalty, seeds, stop, think_iters, halting_threshold, rethink_every, refine_steps, refine_lr,
+              refine_objective, stream, ignore_eos, output_logits) -> GenerationResult:  # fmt: skip
+    cfg = model.config
+    B, m, arm = len(rows), cfg.num_thought_slots, model.arm
+    dec = _Decoder(model, B, max_len)
+    stats: list[dict[str, Any]] = [
+        dict(
+            prompt_tokens=len(r), new_tokens=0, think_iterations=0, final_change=0.0, rethinks=0,
+            rethink_iterations=[], thought_shifts=[], thought_shift=0.0, refine_before=None, refine_after=None,
+            time_to_first_token_s=None, tokens_per_s=None, stop_reason="length",
+        )
+        for r in rows
+    ]  # fmt: skip
+    prev_thoughts: list[Tensor | None] = [None] * B
+
+    def prefill(seqs: list[list[int]], first: bool, active: list[bool] | None = None) -> tuple[Tensor, list[int]]:
+        """Think (hybrid) and fill the cache from [seq ; thoughts] → (logits [B, V], next positions)."""
+        ids, n = _pad_rows(seqs, device)
+        if arm == "causal":
+            x = model.decoder.embed_tokens(ids)
+        elif arm == "pause":
+            x = model.decoder_inputs(ids, n, None)
+        else:
+            think = model.think(ids, n, think_iters, halting_threshold)
+            if refine_steps:
+                think, before, after = refine_thoughts(model, ids, n, think, refine_steps, refine_lr, refine_objective)
+            x = model.decoder_inputs(ids, n, think)
+            thoughts = think.thoughts(m).float()
+            for b in range(B):
+                it, ch = int(think.iterations[b]), float(think.final_change[b])
+                if first:
+                    stats[b]["think_iterations"], stats[b]["final_change"] = it, ch
+                    if refine_steps:
+                        stats[b]["refine_before"], stats[b]["refine_after"] = float(before[b]), float(after[b])
+                elif active[b]:
+                    stats[b]["rethinks"] += 1
+                    stats[b]["rethink_iterations"].append(it)
+                    if m:
+                        old = prev_thoughts[b]
+                        shift = float((thoughts[b] - old).norm() / old.norm().clamp(min=1e-30))
+                        stats[b]["thought_shifts"].append(shift)
+                prev_thoughts[b] = thoughts[b]
+        logits = dec.prefill(x, n, n + m, prefix=arm != "causal")
+        return logits, [len(s) + m for s in seqs]
+
+    generated: list[list[int]] = [[] for _ in range(B)]
+    logit_rows: list[list[Tensor]] | None = [[] for _ in range(B)] if output_logits else None
+    texts = [_RowText(tokenizer, stop, stream, b) for b in range(B)] if (stop or stream is not None) else None
+    done = [False] * B
+    t_first = None
+    end_times = [0.0] * B
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+        for b, r in enumerate(rows):
+            seen[b, r] = True
+    gens = None
+    if temperature > 0:
+        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    logits, pos = prefill(rows, first=True)
+    for i in range(max_new_tokens):
+        if logit_rows is not None:
+            lg = logits.float().cpu()
+            for b in range(B):
+                if not done[b]:
+                    logit_rows[b].append(lg[b])
+        tok = _select(logits, seen, temperature, top_k, top_p, repetition_penalty, gens)
+        toks = tok.tolist()
+        now = time.perf_counter()
+        if t_first is None:
+            t_first = now
+        for b, t in enumerate(toks):
+            if done[b]:
+                continue
+            if t == eos and not ignore_eos:
+                done[b], end_times[b] = True, now
+                stats[b]["stop_reason"] = "eos"
+                continue
+            generated[b].append(t)
+            end_times[b] = now
+            if texts is not None and texts[b].push(t):
+                done[b] = True
+                stats[b]["stop_reason"] = "stop"
+        if all(done) or i == max_new_tokens - 1:
+            break
+        if seen is not None:
+            seen[torch.arange(B, device=device), tok] = True
+        if rethink_every is not None and (i + 1) % rethink_every == 0:
+            active = [not d for d in done]
+            logits, pos = prefill([r + g for r, g in zip(rows, generated)], first=False, active=active)
+        else:
+            logits = dec.step(tok, pos)
+            pos = [p + 1 for p in pos]
+
+    out_texts = []
+    for b in range(B):
+        if texts is not None:
+            out_texts.append(texts[b].finish())
+        else:
+            out_texts.append(tokenizer.decode(generated[b]) if tokenizer is not None else "")
+        s = stats[b]
+        s["new_tokens"] = len(generated[b])
+        s["time_to_first_token_s"] = (t_first or t_start) - t_start
+        n_after = len(generated[b]) - 1
+        dt = end_times[b] - (t_first or t_start)
+        s["tokens_per_s"] = n_after / dt if n_after > 0 and dt > 0 else None
+        if s["thought_shifts"]:
+            s["thought_shift"] = sum(s["thought_shifts"]) / len(s["thought_shifts"])
+    logits_out = [torch.stack(lr) if lr else torch.zeros(0, model.config.vocab_size) for lr in logit_rows] if (
+        logit_rows is not None) else None  # fmt: skip
+    return GenerationResult(generated, out_texts, stats, logits_out)
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="CHECKPOINT_OR_PRESET", help="checkpoint folder or preset name")
+    parser.add_argument("prompt", nargs="?", help="prompt text (or use --file)")
+    parser.add_argument("--file", type=Path, help="a text file with one prompt per line")
+    parser.add_argument("--json", action="store_true", help="print results and thinking statistics as JSON")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--think-iters", type=int, default=None, help="thinking iterations (hybrid)")
+    parser.add_argument("--halting-threshold", type=float, default=None, help="halting epsilon (hybrid)")
+    parser.add_argument("--rethink-every", type=int, default=None, help="re-think every R tokens (hybrid)")
+    parser.add_argument("--refine-steps", type=int, default=0, help="gradient refinement steps (hybrid)")
+    parser.add_argument("--refine-lr", type=float, default=0.1, help="relative refinement step size")
+    parser.add_argument("--refine-objective", choices=REFINE_OBJECTIVES, default="entropy")
+    parser.add_argument("--arm", choices=("causal", "pause", "hybrid"), default=None, help="arm (presets only)")
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts per batch with --file")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def _load_model_and_tokenizer(name: str, arm: str | None, device: str):
+    import hatlm
+    from hatlm.config import PRESETS
+    from hatlm.tokenizer import ByteTokenizer, load_tokenizer
+
+    if name in PRESETS:
+        overrides: dict[str, Any] = {} if arm is None else {"arm": arm}
+        torch.manual_seed(0)  # a preset has random weights: make them the same on every run
+        model = hatlm.load(name, **overrides)
+        tok = ByteTokenizer() if model.config.vocab_size == ByteTokenizer.vocab_size else load_tokenizer(None)
+    else:
+        path = Path(name)
+        if not path.is_dir():
+            from hatlm.config import PRESETS as P
+
+            raise UserError(f"{name!r} is neither a checkpoint folder nor a preset (presets: {', '.join(P)})")
+        if arm is not None:
+            raise UserError("--arm applies to presets only; a checkpoint carries its own arm")
+        if not (path / "config.json").exists():
+            raise UserError(f"{path} has no config.json; expected a hatlm or Hugging Face Mistral checkpoint folder")
+        model = hatlm.load(path)
+        tok = load_tokenizer(path)
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}; "
+            "put the checkpoint's own tokenizer file in its folder"
+        )
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    return model.to(device=device, dtype=dtype), tok
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.file is not None and args.prompt is not None:
+        raise UserError("give either a prompt or --file, not both")
+    if args.file is not None:
+        try:
+            lines = args.file.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise UserError(f"cannot read --file {args.file}: {e.strerror}") from None
+        prompts = [ln for ln in lines if ln.strip()]
+        if not prompts:
+            raise UserError(f"{args.file} has no prompts (one per line expected)")
+    elif args.prompt is None:
+        raise UserError("no prompt: give one as an argument or use --file prompts.txt")
+    else:
+        if not args.prompt.strip():
+            raise UserError("the prompt is empty; give some text to continue")
+        prompts = [args.prompt]
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1; got {args.batch_size}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available here")
+    model, tok = _load_model_and_tokenizer(args.model, args.arm, device)
+
+    out = sys.stdout
+    streaming = not args.json and args.batch_size == 1
+
+    def on_piece(row: int, piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    options = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, think_iters=args.think_iters,
+        halting_threshold=args.halting_threshold, rethink_every=args.rethink_every, refine_steps=args.refine_steps,
+        refine_lr=args.refine_lr, refine_objective=args.refine_objective,
+    )  # fmt: skip
+    results = []
+    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    progress = None
+    if len(batches) > 1 and not streaming:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr)
+    for batch in batches:
+        if streaming and len(prompts) > 1:
+            out.write(f"### {batch[0]}\n")
+        res = generate(model, tok, batch, stream=on_piece if streaming else None, **options)
+        if streaming:
+            out.write("\n")
+        elif not args.json:
+            for p, text in zip(batch, res.texts):
+                out.write(f"### {p}\n{text}\n" if len(prompts) > 1 else text + "\n")
+        for p, toks, text, st in zip(batch, res.tokens, res.texts, res.stats):
+            results.append({"prompt": p, "text": text, "tokens": toks, "stats": st})
+        if progress is not None:
+            progress.update(len(batch))
+    if progress is not None:
+        progress.close()
+    if args.json:
+        json.dump({"model": args.model, "arm": model.arm, "options": options, "results": results}, out, indent=2)
+        out.write("\n")
+    out.flush()
+    return 0
+
+
+__all__ = [
+    "GenerationResult",
+    "generate",
+    "refine_objective",
+    "refine_thoughts",
+    "add_arguments",
+    "run",
+]

@@ -1,0 +1,76 @@
+"""Shared helpers: tiny configs and their transformers twins.
+
+Tests run in float32 on the CPU with tiny shapes. `initializer_range` is larger than Mistral's 0.02
+so that attention is far from uniform and logits are O(1): a wrong mask, RoPE or norm then shows as a
+large difference instead of hiding under tiny activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from hatlm.config import ModelConfig
+
+TINY: dict[str, Any] = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    sliding_window=None,
+    rms_norm_eps=1e-5,
+    initializer_range=0.2,
+    bos_token_id=1,
+    eos_token_id=2,
+    hybrid=dict(arm="hybrid", thinker_layers=1, thought_slots=3, max_think_iters=3),
+)
+
+
+def make_config(**overrides: Any) -> ModelConfig:
+    """The tiny test config (GQA: 4 heads, 2 KV heads) with ModelConfig/HybridConfig overrides
+    (hybrid fields directly, e.g. arm="pause", or as a `hybrid=dict(...)` merged into the default)."""
+    base = dict(TINY, hybrid={**TINY["hybrid"], **overrides.pop("hybrid", {})})
+    return ModelConfig(**base).replace(**overrides)
+
+
+def make_hf_config(config: ModelConfig, **overrides: Any):
+    """transformers' MistralConfig with the same shapes (eager attention: the plain reference)."""
+    from transformers import MistralConfig
+
+    kw = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.decoder_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        rms_norm_eps=config.rms_norm_eps,
+        sliding_window=config.sliding_window,
+        tie_word_embeddings=config.tie_word_embeddings,
+        initializer_range=config.initializer_range,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        attn_implementation="eager",
+    )
+    kw.update(overrides)
+    return MistralConfig(**kw)
+
+
+@pytest.fixture
+def tiny_config() -> Callable[..., ModelConfig]:
+    return make_config
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    # Every test starts from the same RNG state, whatever ran before it.
+    torch.manual_seed(0)
