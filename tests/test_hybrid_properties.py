@@ -127,11 +127,8 @@ def test_decoder_prefix_setting(arm):
 # ------------------------------------------------------------------------------ padding
 
 
-@pytest.mark.parametrize(
-    "arm,backend,eps",
-    [("causal", "sdpa", 0.0), ("pause", "sdpa", 0.0), ("hybrid", "sdpa", 0.0), ("hybrid", "flex", 0.0)],
-)
-def test_sequence_alone_equals_its_row_in_a_padded_batch(arm, backend, eps):
+@pytest.mark.parametrize("arm,backend", [("causal", "sdpa"), ("pause", "sdpa"), ("hybrid", "sdpa"), ("hybrid", "flex")])
+def test_sequence_alone_equals_its_row_in_a_padded_batch(arm, backend):
     model = _model(arm, trained_refinement=True, attn_backend=backend, sliding_window=5)
     ids, pl, lengths = _batch()
     with torch.no_grad():
@@ -190,6 +187,10 @@ def test_halting_stops_each_row_once_the_change_falls_under_the_threshold():
         # The halted row's vectors are its t-th iterate and its reported change is that iteration's.
         assert torch.allclose(halted.z[b], runs[t - 1].z[b], atol=1e-6, rtol=0)
         assert halted.final_change[b].item() == pytest.approx(changes[b, t - 1].item(), rel=1e-6)
+        # … and a row halts after the same number of iterations when it is alone.
+        with torch.no_grad():
+            alone = model.think(ids[b : b + 1, : int(pl[b])], pl[b : b + 1], halting_threshold=eps)
+        assert alone.iterations.tolist() == [t]
 
 
 # ------------------------------------------------------------------------------ pause arm, encoder
@@ -232,6 +233,6 @@ def test_encoder_layers_encode_the_prompt_with_the_first_backbone_layers():
     for b in range(3):
         p = int(pl[b])
         with torch.no_grad():
-            ref = hf(input_ids=ids[b : b + 1, :p]).last_hidden_state[0]
+            ref = hf(inputs_embeds=model.decoder.embed_tokens(ids[b : b + 1, :p])).last_hidden_state[0]
         assert (z0[b, :p] - ref).abs().max().item() <= 1e-5
         assert torch.equal(z0[b, p : p + M], model.thought_slots)

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hatlm.config import HybridConfig, ModelConfig
+from hatlm.config import PRESETS, HybridConfig, ModelConfig
 from hatlm.errors import CheckpointError, ConfigError
 from hatlm.model import HatLM, RMSNorm, RotaryEmbedding
 
@@ -312,7 +312,8 @@ def _check_folder(path: str | Path) -> Path:
     folder = Path(path).expanduser()
     if not folder.exists():
         raise CheckpointError(
-            f"{folder}: no such folder; expected a checkpoint folder (config.json + *.safetensors) or a preset name"
+            f"{folder}: no such folder; expected a checkpoint folder (config.json + *.safetensors) or a preset "
+            f"name ({', '.join(PRESETS)})"
         )
     if not folder.is_dir():
         raise CheckpointError(
@@ -500,7 +501,7 @@ def load_model(
                         f.close()
                     current, f = file, open(file, "rb")
                 e = entries[n]
-                t = torch.empty(e.shape, dtype=e.dtype)
+                t = torch.empty(e.shape, dtype=e.dtype, device="cpu")
                 _read_into(f, t, e)
                 if t.dtype != target_dtype or device.type != "cpu":
                     t = t.to(device=device, dtype=target_dtype)

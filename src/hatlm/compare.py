@@ -259,7 +259,7 @@ def compare(
                                 "wall_time_s": res["wall_time_s"], "steps": res["steps"],
                                 "final_train_loss": res["final_loss"], "think_iters": run_info["think_iters_train"],
                                 "run_dir": str(run_dir)})
-                    if r.get("per_task"):
+                    if len(r.get("per_task", {})) > 1:  # per-task breakdown only where there are tasks
                         rec["per_task"] = r["per_task"]
                     if arm == "hybrid" and think_sweep:
                         by_t = {}
@@ -560,6 +560,8 @@ def make_plots(res: dict[str, Any], out: Path) -> list[Path]:
         ax.set_title(Path(e).name if not e.startswith("task:") else e, fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("accuracy % (teacher-forced)" if metric == "accuracy" else "loss / token")
+        if metric == "accuracy":
+            ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
         if j == 0:
             ax.legend(fontsize=8)
@@ -576,7 +578,6 @@ def make_plots(res: dict[str, Any], out: Path) -> list[Path]:
         ax.plot(steps[k - 1 :], sm, color=colors.get(a), label=a)
     ax.set_title("training loss (mean over seeds)", fontsize=9)
     ax.set_xlabel("step")
-    ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     p = out / "learning_curves.png"

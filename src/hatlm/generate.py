@@ -60,6 +60,14 @@ class GenerationResult:
 # ------------------------------------------------------------------------------------ decode state
 
 
+def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """The model's RMSNorm without the module call (float32: F.rms_norm is bitwise the same)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    x32 = x.float()
+    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 class _Decoder:
     """The preallocated KV cache plus a fast single-token decode step for one batch."""
 
@@ -129,7 +137,7 @@ class _Decoder:
     # ---------------------------------------------------------------- one decode step
     def step(self, tokens: Tensor, pos: list[int]) -> Tensor:
         """Feed tokens [B] at positions pos (host ints, one per row) → next-token logits [B, V]."""
-        B, H, Hkv, G, D, d, eps = self.batch, self.H, self.Hkv, self.G, self.D, self.d, self.eps
+        B, H, Hkv, G, D, eps = self.batch, self.H, self.Hkv, self.G, self.D, self.eps
         x = F.embedding(tokens, self.embed)  # [B, d]
         p0 = pos[0]
         uniform = all(p == p0 for p in pos)
@@ -149,7 +157,7 @@ class _Decoder:
             idx = pt.view(B, 1, 1, 1).expand(B, Hkv, 1, D)
         nqk = (H + Hkv) * D
         for (ln1, qkv_w, o_w, ln2, gu_w, down_w), cache in zip(self.layers, self.caches):
-            h = F.rms_norm(x, (d,), ln1, eps)
+            h = _rms(x, ln1, eps)
             if isinstance(qkv_w, tuple):
                 qkv = torch.cat([F.linear(h, w) for w in qkv_w], dim=-1)
             else:
@@ -169,13 +177,13 @@ class _Decoder:
                 cache.v.scatter_(2, idx, v[:, :, None])
             o = F.scaled_dot_product_attention(q, cache.k[:, :, lo:hi], cache.v[:, :, lo:hi], attn_mask=mask)
             x = x + F.linear(o.reshape(B, H * D), o_w)
-            h = F.rms_norm(x, (d,), ln2, eps)
+            h = _rms(x, ln2, eps)
             if isinstance(gu_w, tuple):
                 g, u = F.linear(h, gu_w[0]), F.linear(h, gu_w[1])
             else:
                 g, u = F.linear(h, gu_w).chunk(2, dim=-1)
             x = x + F.linear(F.silu(g) * u, down_w)
-        return F.linear(F.rms_norm(x, (d,), self.norm, eps), self.lm_head)
+        return F.linear(_rms(x, self.norm, eps), self.lm_head)
 
 
 # ------------------------------------------------------------------------------------ thinking
@@ -321,7 +329,8 @@ def _select(
         pen = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
         logits = torch.where(seen, pen, logits)
     if temperature == 0.0:
-        return logits.argmax(-1)
+        # max(dim).indices gives the first maximal index like argmax, and is faster on the CPU.
+        return logits.max(-1).indices
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -455,6 +464,16 @@ def _check_options(model, max_new_tokens, temperature, top_k, top_p, repetition_
             raise UserError(
                 f"refine_objective must be one of {', '.join(REFINE_OBJECTIVES)}; got {refine_objective_name!r}"
             )
+
+
+def _sync_every(device: torch.device, needs_text: bool) -> int:
+    """How many decode steps run between host reads of the chosen tokens.
+
+    On a GPU, reading the tokens back every step would stall the host until the device is idle, so
+    the host checks for EOS every few steps (rows that ended meanwhile compute a few extra tokens that
+    are dropped). On the CPU a read costs nothing; streaming and stop strings need every step.
+    """
+    return 1 if (device.type == "cpu" or needs_text) else 8
 
 
 def generate(
@@ -608,6 +627,29 @@ def _generate(model, tokenizer, rows, max_new_tokens, max_len, eos, device, t_st
     if temperature > 0:
         gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
+    def process(steps: list[Tensor]) -> None:
+        """Host bookkeeping for the tokens [B] of the given steps: EOS, output, stop strings, text."""
+        nonlocal t_first
+        toks = torch.stack(steps, 1).tolist()  # [B, len(steps)]: one device→host copy
+        now = time.perf_counter()
+        if t_first is None:
+            t_first = now
+        for b, row in enumerate(toks):
+            for t in row:
+                if done[b]:
+                    break
+                if t == eos and not ignore_eos:
+                    done[b], end_times[b] = True, now
+                    stats[b]["stop_reason"] = "eos"
+                    break
+                generated[b].append(t)
+                end_times[b] = now
+                if texts is not None and texts[b].push(t):
+                    done[b] = True
+                    stats[b]["stop_reason"] = "stop"
+
+    sync_every = _sync_every(device, texts is not None)
+    pending: list[Tensor] = []
     logits, pos = prefill(rows, first=True)
     for i in range(max_new_tokens):
         if logit_rows is not None:
@@ -616,27 +658,19 @@ def _generate(model, tokenizer, rows, max_new_tokens, max_len, eos, device, t_st
                 if not done[b]:
                     logit_rows[b].append(lg[b])
         tok = _select(logits, seen, temperature, top_k, top_p, repetition_penalty, gens)
-        toks = tok.tolist()
-        now = time.perf_counter()
-        if t_first is None:
-            t_first = now
-        for b, t in enumerate(toks):
-            if done[b]:
-                continue
-            if t == eos and not ignore_eos:
-                done[b], end_times[b] = True, now
-                stats[b]["stop_reason"] = "eos"
-                continue
-            generated[b].append(t)
-            end_times[b] = now
-            if texts is not None and texts[b].push(t):
-                done[b] = True
-                stats[b]["stop_reason"] = "stop"
-        if all(done) or i == max_new_tokens - 1:
+        pending.append(tok)
+        last = i == max_new_tokens - 1
+        rethink = rethink_every is not None and (i + 1) % rethink_every == 0
+        if i == 0 or last or rethink or len(pending) >= sync_every:
+            process(pending)
+            pending = []
+            if all(done):
+                break
+        if last:
             break
         if seen is not None:
             seen[torch.arange(B, device=device), tok] = True
-        if rethink_every is not None and (i + 1) % rethink_every == 0:
+        if rethink:
             active = [not d for d in done]
             logits, pos = prefill([r + g for r, g in zip(rows, generated)], first=False, active=active)
         else:

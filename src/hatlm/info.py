@@ -34,10 +34,10 @@ def resolve_config(source: str | Path, **overrides: Any) -> tuple[ModelConfig, s
 
 def describe(source: str | Path, **overrides: Any) -> dict[str, Any]:
     """Parameter counts and memory estimates (bytes) for a preset or checkpoint folder."""
+    from hatlm.model import HatLM
+
     config, kind = resolve_config(source, **overrides)
     with torch.device("meta"):  # shapes only: nothing is allocated, even for 7B
-        from hatlm.model import HatLM
-
         params = HatLM(config).num_parameters()
     kv_per_token_elems = 2 * config.decoder_layers * config.num_key_value_heads * config.head_dim  # keys + values
     return {
@@ -78,7 +78,7 @@ def format_table(info: dict[str, Any]) -> str:
         ("parameters", ""),
         ("  backbone (decoder + LM head)", f"{p['backbone']:,}"),
         ("  thinker", f"{p['thinker']:,}"),
-        ("  thought slots + gates", f"{p['slots_and_gates']:,}"),
+        ("  thought slots + prompt refinement", f"{p['slots_and_gates']:,}"),
         ("  total", f"{p['total']:,}"),
         ("weights", ""),
         *((f"  {k}", f"{_size(v)}  ({v:,} B)") for k, v in info["weights_bytes"].items()),

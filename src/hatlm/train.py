@@ -111,8 +111,8 @@ class TrainConfig:
         self.data = [str(d) for d in self.data]
         self.eval = [str(e) for e in self.eval]
 
-    def validate(self) -> None:
-        if not self.data:
+    def validate(self, require_data: bool = True) -> None:
+        if require_data and not self.data:
             raise ConfigError("no training data: give --data FILE (or task:NAME), or `data:` in the config")
         if self.arm not in ARMS:
             raise ConfigError(f"arm must be one of {', '.join(ARMS)}; got {self.arm!r}")
@@ -179,7 +179,7 @@ def _train_keys() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def config_from_dict(d: dict[str, Any], source: str = "config") -> TrainConfig:
+def config_from_dict(d: dict[str, Any], source: str = "config", require_data: bool = True) -> TrainConfig:
     """A TrainConfig from a mapping; unknown keys are an error that lists the valid ones."""
     if not isinstance(d, dict):
         raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(d).__name__}")
@@ -189,14 +189,14 @@ def config_from_dict(d: dict[str, Any], source: str = "config") -> TrainConfig:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; valid keys: {', '.join(keys)}")
     cfg = TrainConfig(**d)
     try:
-        cfg.validate()
+        cfg.validate(require_data)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return cfg
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    """Read a YAML training config (keys: the TrainConfig fields)."""
+    """Read a YAML training config (keys: the TrainConfig fields); `data` may come later (--data)."""
     import yaml
 
     path = Path(path)
@@ -206,7 +206,7 @@ def load_config(path: str | Path) -> TrainConfig:
         d = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    return config_from_dict(d, source=str(path))
+    return config_from_dict(d, source=str(path), require_data=False)
 
 
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str = "overrides") -> TrainConfig:

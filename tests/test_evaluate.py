@@ -1,0 +1,195 @@
+"""Evaluation (exact match, text loss, `hatlm eval`) and the analytic FLOP counts."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import hatlm
+from hatlm.cli import main
+from hatlm.data import Example, collate, encode_example, write_jsonl
+from hatlm.evaluate import evaluate_examples, evaluate_text
+from hatlm.flops import forward_flops, inference_flops_per_example, train_flops_per_example
+from hatlm.generate import generate
+from hatlm.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+TRAIN = [Example("ab?", "x", "t1"), Example("cd?", "yz", "t2")]
+
+
+def tiny(arm: str, seed: int = 0, **kw) -> hatlm.HatLM:
+    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, arm=arm, thinker_layers=1, thought_slots=2, max_think_iters=2)  # fmt: skip
+    return hatlm.load("tiny-bytes", seed=seed, **{**base, **kw})
+
+
+def memorise(model: hatlm.HatLM, examples: list[Example], max_steps: int = 300) -> hatlm.HatLM:
+    """Train until the model reproduces `examples` (loss on answer + EOS, as in training)."""
+    batch = collate([encode_example(e, TOK) for e in examples], TOK.pad_id)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sel = batch.target_mask[:, 1:]
+    for _ in range(max_steps):
+        out = model(batch.input_ids, prompt_lengths=batch.prompt_lengths, lengths=batch.lengths)
+        loss = F.cross_entropy(out.logits[:, :-1][sel], batch.input_ids[:, 1:][sel])
+        if loss.item() < 0.02:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.02
+    return model.eval()
+
+
+@functools.cache
+def trained_model(arm: str) -> hatlm.HatLM:
+    torch.manual_seed(0)
+    return memorise(tiny(arm), TRAIN)
+
+
+@pytest.fixture(params=["causal", "hybrid"])
+def trained(request):
+    return trained_model(request.param)
+
+
+def test_exact_match_right_and_wrong(trained):
+    r = evaluate_examples(trained, TOK, TRAIN, batch_size=2)
+    assert r["accuracy"] == 1.0 and r["n"] == 2
+    assert r["per_task"] == {"t1": {"accuracy": 1.0, "n": 1}, "t2": {"accuracy": 1.0, "n": 1}}
+    assert [p["prediction"] for p in r["predictions"]] == ["x", "yz"]
+    # the same prompts with other answers are all wrong; whitespace around an answer does not matter
+    wrong = [Example("ab?", "yz", "t1"), Example("cd?", "x", "t1"), Example("ab?", " x\n", "t3")]
+    r = evaluate_examples(trained, TOK, wrong, batch_size=1)
+    assert r["accuracy"] == pytest.approx(1 / 3) and r["per_task"]["t1"] == {"accuracy": 0.0, "n": 2}
+    assert [p["correct"] for p in r["predictions"]] == [False, False, True]
+    assert trained.training is False
+
+
+def test_predictions_are_greedy_generation(trained):
+    exs = TRAIN + [Example("zz?", "q"), Example("a", "q")]
+    for think in (None, 0, 3) if trained.arm == "hybrid" else (None,):
+        r = evaluate_examples(trained, TOK, exs, batch_size=3, think_iters=think, max_new_tokens=4)
+        direct = generate(trained, TOK, [e.prompt for e in exs], max_new_tokens=4, temperature=0.0, think_iters=think)
+        assert [p["prediction"] for p in r["predictions"]] == direct.texts
+
+
+def test_evaluate_text_matches_per_row_cross_entropy():
+    torch.manual_seed(1)
+    model = tiny("pause").eval()
+    rows = [encode_example(Example("hello", "world"), TOK), ([TOK.bos_id, 5, 6, 7, 8], 2), ([TOK.bos_id, 9, 10], 1)]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, p in rows:  # one row at a time: no padding involved
+            logits = model(torch.tensor([ids]), prompt_lengths=torch.tensor([p])).logits[0]
+            total += F.cross_entropy(logits[p - 1 : -1], torch.tensor(ids[p:]), reduction="sum").item()
+            count += len(ids) - p
+    for bs in (1, 3):
+        r = evaluate_text(model, TOK, rows, batch_size=bs)
+        assert r["tokens"] == count == 6 + 3 + 2
+        assert r["loss"] == pytest.approx(total / count, rel=1e-5)
+        assert r["perplexity"] == pytest.approx(torch.tensor(total / count).exp().item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def test_eval_cli(tmp_path, capsys):
+    from hatlm.checkpoint import save_model
+
+    model = trained_model("hybrid")
+    ckpt = tmp_path / "ckpt"
+    save_model(model, ckpt, tokenizer=TOK)
+    data = tmp_path / "d.jsonl"
+    write_jsonl(TRAIN, data)
+
+    assert main(["eval", str(ckpt), "--data", str(data), "--json", "--think-iters", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["accuracy"] == 1.0 and out["n"] == 2 and out["think_iters"] == 2 and out["arm"] == "hybrid"
+    assert set(out["per_task"]) == {"t1", "t2"}
+
+    preds = tmp_path / "p.jsonl"
+    assert main(["eval", str(ckpt), "--data", str(data), "--predictions", str(preds)]) == 0
+    assert "accuracy 100.0%" in capsys.readouterr().out
+    assert [json.loads(line)["prediction"] for line in preds.read_text().splitlines()] == ["x", "yz"]
+
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 5)
+    assert main(["eval", str(ckpt), "--data", str(text), "--json", "--window", "16"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["format"] == "text" and out["tokens"] > 0 and out["perplexity"] == pytest.approx(2.718281828 ** out["loss"])
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a"}\n')
+    assert main(["eval", str(ckpt), "--data", str(bad)]) == 2
+    assert f"{bad}, line 2: missing key(s) answer" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nope"), "--data", str(data)]) == 2
+    assert "no such checkpoint folder" in capsys.readouterr().err
+
+    causal = tmp_path / "causal"
+    save_model(tiny("causal"), causal, tokenizer=TOK)
+    assert main(["eval", str(causal), "--data", str(data), "--think-iters", "3"]) == 2
+    assert "--think-iters applies to the hybrid arm" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ FLOPs
+
+
+def counted_flops(model: hatlm.HatLM, n: int, k: int, think_iters: int, monkeypatch) -> int:
+    """FLOPs of one real forward pass: FlopCounterMode for the matrix products plus the shapes of every
+    SDPA call (FlopCounterMode does not count the CPU SDPA kernel)."""
+    sdpa = F.scaled_dot_product_attention
+    attn = []
+
+    def recording_sdpa(q, k_, v, *args, **kwargs):
+        B, H, Q, D = q.shape
+        attn.append(2 * B * H * Q * k_.shape[2] * D + 2 * B * H * Q * k_.shape[2] * v.shape[3])
+        return sdpa(q, k_, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    ids = torch.randint(0, 256, (1, n + k))
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(ids, prompt_lengths=torch.tensor([n]), think_iters=think_iters)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    assert attn, "the model no longer calls F.scaled_dot_product_attention: update this counter"
+    return fc.get_total_flops() + sum(attn)
+
+
+@pytest.mark.parametrize("arm", ["causal", "pause", "hybrid"])
+@pytest.mark.parametrize(
+    "extra", [{}, {"encoder_layers": 1, "decoder_prefix": "bidirectional", "sliding_window": 5, "num_hidden_layers": 2}]
+)
+def test_flops_match_counted_matmuls(arm, extra, monkeypatch):
+    model = tiny(arm, thought_slots=3, **extra)
+    for n, k, t in ((7, 4, 3), (3, 1, 1)):
+        counted = counted_flops(model, n, k, t, monkeypatch)
+        # SDPA with a boolean mask computes every (query, key) pair: compare with the "dense" count
+        assert forward_flops(model.config, n, k, t, attention="dense") == pytest.approx(counted, rel=0.01)
+        causal = forward_flops(model.config, n, k, t)
+        assert causal < counted
+        assert train_flops_per_example(model.config, n, k, t) == 3 * causal
+
+
+def test_flops_arms_and_iterations():
+    cfg = {arm: tiny(arm).config for arm in ("causal", "pause", "hybrid")}
+    n, k = 20, 2
+    f = {arm: inference_flops_per_example(c, n, k) for arm, c in cfg.items()}
+    assert f["causal"] < f["pause"]  # pause adds m positions to the same decoder
+    # each thinking iteration adds the same amount
+    h = [inference_flops_per_example(cfg["hybrid"], n, k, t) for t in (0, 1, 2, 4)]
+    assert h[2] - h[1] == h[1] - h[0] > 0 and h[3] - h[0] == 4 * (h[1] - h[0])
+    # generation evaluates the LM head only where a token is chosen, training at every position
+    assert inference_flops_per_example(cfg["causal"], n, k) < forward_flops(cfg["causal"], n, k)
+
+
+def test_flops_mistral_7b_is_two_flops_per_parameter_per_token():
+    config = hatlm.ModelConfig.from_name("mistral-7b", arm="causal", thinker_layers=0)
+    with torch.device("meta"):
+        params = hatlm.HatLM(config).num_parameters()["total"]
+    assert params == 7_241_732_096
+    embed = config.vocab_size * config.hidden_size  # a lookup, not a product
+    L = 16  # short: attention is negligible next to the weights
+    assert forward_flops(config, 8, L - 8) == pytest.approx(2 * (params - embed) * L, rel=0.001)

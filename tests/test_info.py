@@ -1,0 +1,73 @@
+"""`hatlm info`: parameter counts on the meta device, memory estimates, folders read by config only."""
+
+from __future__ import annotations
+
+import json
+import resource
+
+from conftest import make_config
+
+from hatlm.checkpoint import save_model
+from hatlm.cli import main
+from hatlm.model import HatLM
+
+MISTRAL_7B = 7_241_732_096  # Mistral-7B-v0.1's parameter count
+
+
+def _json(capsys, *argv: str) -> dict:
+    assert main(["info", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_mistral_7b_counts_on_the_meta_device(capsys, monkeypatch):
+    devices: list[set[str]] = []
+    original = HatLM.num_parameters
+
+    def spy(self):
+        devices.append({p.device.type for p in self.parameters()})
+        return original(self)
+
+    monkeypatch.setattr(HatLM, "num_parameters", spy)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    assert main(["info", "mistral-7b"]) == 0
+    table = capsys.readouterr().out
+    grown_gib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 2**20
+    assert devices == [{"meta"}]  # counted on a model without storage
+    assert grown_gib < 0.5  # 7.7B parameters in fp32 would be ~29 GiB
+    assert "backbone (decoder + LM head)" in table and "7,241,732,096" in table
+
+    info = _json(capsys, "mistral-7b")
+    p, c = info["parameters"], info["config"]
+    assert p["backbone"] == MISTRAL_7B
+    assert p["total"] == p["backbone"] + p["thinker"] + p["slots_and_gates"]
+    assert info["weights_bytes"] == {"fp32": 4 * p["total"], "bf16": 2 * p["total"]}
+    # 2 (K and V) × 32 layers × 8 KV heads × 128 head dim × bytes
+    assert info["kv_cache_bytes_per_token"] == {"fp32": 262_144, "bf16": 131_072}
+    assert (c["decoder_layers"], c["thinker_layers"], c["num_key_value_heads"], c["head_dim"]) == (32, 2, 8, 128)
+
+
+def test_causal_arm_is_parameter_matched(capsys):
+    """The causal baseline's extra decoder layers hold exactly the thinker's layer parameters."""
+    hyb = _json(capsys, "mistral-7b")["parameters"]
+    causal = _json(capsys, "mistral-7b", "--arm", "causal")
+    gate_and_temperature = 4096 + 1 + 1
+    assert causal["parameters"]["backbone"] == hyb["backbone"] + hyb["thinker"] - gate_and_temperature
+    assert causal["config"]["decoder_layers"] == 34
+    assert causal["kv_cache_bytes_per_token"]["bf16"] == 131_072 * 34 // 32
+
+
+def test_info_on_a_folder_reads_only_its_config(tmp_path, capsys):
+    model = HatLM(make_config(tie_word_embeddings=True))
+    save_model(model, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()  # the weights are not needed
+    info = _json(capsys, str(tmp_path / "ckpt"))
+    assert info["kind"] == "folder" and info["arm"] == "hybrid"
+    assert info["parameters"] == model.num_parameters()
+    assert main(["info", str(tmp_path / "ckpt")]) == 0
+    assert f"{model.num_parameters()['total']:,}" in capsys.readouterr().out
+
+
+def test_info_unknown_source(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "is neither a preset (tiny, tiny-bytes, small, mistral-7b) nor an existing checkpoint folder" in err
