@@ -68,10 +68,12 @@ def test_zero_slots_and_fresh_refinement_give_the_base_logits(encoder_layers):
 # ------------------------------------------------------------------------------ attention directions
 
 
-def test_thinker_is_bidirectional():
+@pytest.mark.parametrize("reweight", [True, False])
+def test_thinker_is_bidirectional(reweight):
     """Changing the LAST prompt token changes every thought vector and every prompt position,
-    the first one included."""
-    model = _model("hybrid")
+    the first one included. Without re-weighting (which compares all positions itself) only the
+    thinker's attention can carry the change to the first position."""
+    model = _model("hybrid", reweight=reweight)
     P = 6
     ids = torch.randint(3, 97, (1, 8))
     ids2 = ids.clone()

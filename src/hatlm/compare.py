@@ -44,7 +44,6 @@ from hatlm.train import (
     apply_overrides,
     check_data_path,
     forced_eval,
-    latest_checkpoint,
     load_config,
     load_eval_set,
     read_metrics,
@@ -230,9 +229,10 @@ def compare(
             for arm in arms:
                 cfg = apply_overrides(base, {"arm": arm, "seed": seed}, source="compare")
                 run_dir = out / "runs" / f"{arm}-seed{seed}"
-                resume = latest_checkpoint(run_dir) is not None if run_dir.exists() else False
                 bar.set_postfix_str(f"{arm} seed {seed}")
-                res = train(cfg, run_dir, resume=resume, progress=progress, log=say)
+                # resume=True: a finished run is reused, an interrupted one continues from its last
+                # checkpoint (or starts over when it had none).
+                res = train(cfg, run_dir, resume=True, progress=progress, log=say)
                 model, tokenizer = _load_run(res["model_dir"])
                 if eval_sets is None:
                     eval_sets = {e: load_eval_set(e, tokenizer, base.max_len, base.data_seed, say) for e in eval_specs}
@@ -422,7 +422,8 @@ def render_markdown(res: dict[str, Any]) -> str:
     lines.append(f"Training data: `{', '.join(cfg['data'])}`; {cfg['steps']} steps × batch {cfg['batch_size']}"
                  f"{' × ' + str(cfg['grad_accum']) if cfg['grad_accum'] > 1 else ''}, lr {cfg['lr']:g} "
                  f"(warm-up {cfg['warmup']}, cosine to {cfg['min_lr']:g}); seeds {', '.join(map(str, seeds))}; "
-                 f"model `{cfg['init_from'] or cfg['preset']}` with {json.dumps(cfg['model']) if cfg['model'] else 'no overrides'}.")
+                 f"model `{cfg['init_from'] or cfg['preset']}` with "
+                 f"{json.dumps(cfg['model']) if cfg['model'] else 'no overrides'}.")
     lines.append("Accuracy: greedy exact match in % (mean ± 95% CI half-width, Student t over seeds); "
                  "loss: per answer/continuation token. FLOPs per example at the training data's mean lengths.")
     lines.append("")
@@ -440,9 +441,9 @@ def render_markdown(res: dict[str, Any]) -> str:
                 continue
             s = per_arm[a]
             per_seed = ", ".join(f"{100 * v:.1f}" if metric == "accuracy" else f"{v:.3f}" for v in s["values"])
+            flops = f"{_fmt_flops(s['train_flops_per_example'])} | {_fmt_flops(s['inference_flops_per_example'])}"
             lines.append(f"| {a} | {_fmt_metric(metric, s['mean'], s['ci95'])} | {per_seed} | {s['params']:,} | "
-                         f"{_fmt_flops(s['train_flops_per_example'])} | {_fmt_flops(s['inference_flops_per_example'])} | "
-                         f"{s['wall_time_s']:.0f} s |")
+                         f"{flops} | {s['wall_time_s']:.0f} s |")
         if ch:
             lines.append(f"| *chance floor* | {100 * ch['accuracy']:.1f} | {ch['how']} | | | | |")
         lines.append("")

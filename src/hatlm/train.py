@@ -797,7 +797,7 @@ def train(
                 if loss_hook is not None:
                     loss = loss_hook(step + 1, loss)
                 if not torch.isfinite(loss):
-                    _diverged(metrics, step + 1, "loss", float(loss), last_good, optimizer)
+                    _diverged(metrics, step + 1, "loss", float(loss.detach()), last_good, optimizer)
                 loss.backward()
                 loss_total += float(loss.detach())
                 it_sum += float(out_.iterations.float().sum())
@@ -863,7 +863,10 @@ def _check_resume_config(saved: TrainConfig, given: TrainConfig, ckpt: Path) -> 
     diff = [k for k in a if k not in RESUME_MUTABLE and a[k] != b.get(k)]
     if diff:
         detail = "; ".join(f"{k}: {a[k]!r} in the checkpoint, {b.get(k)!r} now" for k in diff)
-        raise UserError(f"cannot resume {ckpt} exactly with a different config ({detail})")
+        hint = ""
+        if "steps" in diff:
+            hint = "; to train a finished model further, start a new run from it with --init-from OUT/model"
+        raise UserError(f"cannot resume {ckpt} exactly with a different config ({detail}){hint}")
 
 
 # ------------------------------------------------------------------------------------ CLI

@@ -1,0 +1,184 @@
+"""`hatlm compare` and `hatlm demo`: the report's structure, statistics and error paths."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hatlm.cli import main
+from hatlm.compare import chance_floor, compare, mean_ci, overall_statement, t_quantile, verdict
+from hatlm.data import write_jsonl
+from hatlm.errors import UserError
+from hatlm.tasks import make_split
+from hatlm.train import EvalSet, TrainConfig, load_config
+
+TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, thinker_layers=1, thought_slots=2, max_think_iters=2)
+BASE = TrainConfig(data=["-"], model=TINY_MODEL, steps=4, batch_size=8, lr=3e-3, warmup=1, eval_every=2,
+                   eval_max_examples=8, save_every=0, max_len=48, tensorboard=False)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory) -> tuple[str, list[str]]:
+    d = tmp_path_factory.mktemp("task")
+    train_ex, evals = make_split("recall", seed=0, n_train=64, n_eval=8, train_difficulties=[2],
+                                 eval_difficulties=[2, 4])
+    write_jsonl(train_ex, d / "train.jsonl")
+    files = []
+    for label, exs in evals.items():
+        files.append(str(d / f"eval-{label.replace('/', '-')}.jsonl"))
+        write_jsonl(exs, files[-1])
+    return str(d / "train.jsonl"), files
+
+
+def test_compare_tiny_task_writes_full_report(tmp_path, task_files):
+    train_file, eval_files = task_files
+    out = tmp_path / "cmp"
+    res = compare(train_file, eval_files, out, seeds=2, base=BASE, think_sweep=(1, 3), progress=False)
+
+    data = json.loads((out / "results.json").read_text())
+    recs = data["records"]
+    assert len(recs) == 3 * 2 * len(eval_files)
+    keys = {(r["arm"], r["seed"], r["eval_file"]) for r in recs}
+    assert keys == {(a, s, e) for a in ("causal", "pause", "hybrid") for s in (0, 1) for e in eval_files}
+    for r in recs:
+        assert r["metric"] == "accuracy" and 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 8
+        assert r["params"] > 0 and r["train_flops_per_example"] > r["inference_flops_per_example"] > 0
+        assert r["wall_time_s"] > 0 and r["steps"] == 4
+        if r["arm"] == "hybrid":
+            assert set(r["accuracy_by_think_iters"]) == {"1", "3"}
+    # Parameter matching: the baselines take the thinker's layer as an extra decoder layer; the
+    # hybrid's extras are the slots, the gate and the zero-initialised prompt projection (d² + d + 2).
+    params = {r["arm"]: r["params"] for r in recs}
+    d = TINY_MODEL["hidden_size"]
+    assert params["pause"] - params["causal"] == 2 * d  # the pause slots
+    assert params["hybrid"] - params["pause"] == d * d + d + 2
+    # Inference FLOPs: the hybrid spends the most (thinking), causal the least.
+    flops = {r["arm"]: r["inference_flops_per_example"] for r in recs}
+    assert flops["causal"] < flops["pause"] < flops["hybrid"]
+
+    # The summary's mean/CI are those of the per-seed records.
+    for e in eval_files:
+        for arm in ("causal", "pause", "hybrid"):
+            vals = [r["accuracy"] for r in recs if r["arm"] == arm and r["eval_file"] == e]
+            s = data["summary"][e][arm]
+            assert s["values"] == vals
+            assert s["mean"] == pytest.approx(sum(vals) / 2)
+            assert s["ci95"] == pytest.approx(mean_ci(vals)[1])
+    # Chance floor of the built-in task: 1/pairs.
+    assert data["chance"][eval_files[0]]["accuracy"] == pytest.approx(1 / 2)
+    assert data["chance"][eval_files[1]]["accuracy"] == pytest.approx(1 / 4)
+
+    md = (out / "results.md").read_text()
+    for arm in ("causal", "pause", "hybrid"):
+        assert f"| {arm} |" in md
+    assert "chance floor" in md and "## Verdict" in md and "Hybrid with T thinking iterations" in md
+    for png in ("learning_curves.png", "think_iters.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+    # Learning curves come from each run's metrics: an eval point at steps 0, 2 and 4.
+    curve = data["curves"]["hybrid|0"]["eval"][eval_files[0]]
+    assert [p[0] for p in curve] == [0, 2, 4]
+    assert res["predictions"][f"causal|0|{eval_files[0]}"][0].keys() >= {"prompt", "answer", "prediction", "correct"}
+
+    # Running compare again on the same folder reuses the finished runs (resume is a no-op).
+    again = compare(train_file, eval_files[:1], out, seeds=1, arms=["causal"], base=BASE, think_sweep=(),
+                    progress=False)
+    first = [r for r in recs if r["arm"] == "causal" and r["seed"] == 0 and r["eval_file"] == eval_files[0]][0]
+    assert again["records"][0]["accuracy"] == first["accuracy"]
+    assert again["records"][0]["wall_time_s"] == first["wall_time_s"]
+
+
+def test_compare_cli_errors_on_missing_file(tmp_path, task_files, capsys):
+    train_file, eval_files = task_files
+    missing = str(tmp_path / "nope.jsonl")
+    rc = main(["compare", "--train", train_file, "--eval", eval_files[0], "--eval", missing,
+               "--out", str(tmp_path / "o"), "--steps", "1", "--seeds", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--eval {missing}: no such file" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "runs").exists()  # checked before any training
+
+    rc = main(["compare", "--train", missing, "--eval", eval_files[0], "--out", str(tmp_path / "o")])
+    assert rc == 2 and f"--train {missing}: no such file" in capsys.readouterr().err
+    rc = main(["compare", "--train", train_file, "--eval", eval_files[0], "--out", str(tmp_path / "o"),
+               "--arms", "causal,thinker"])
+    assert rc == 2 and "--arms: unknown arm(s) thinker" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--seeds must be a positive integer"):
+        compare(train_file, eval_files, tmp_path / "o", seeds=0)
+
+
+def test_t_quantiles_and_confidence_interval():
+    # Reference values of Student's t (two-sided 95%: the 0.975 quantile).
+    for df, t in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423)):
+        assert t_quantile(0.975, df) == pytest.approx(t, abs=2e-4)
+    m, ci = mean_ci([0.5, 0.7, 0.6])
+    assert m == pytest.approx(0.6) and ci == pytest.approx(4.3027 * 0.1 / math.sqrt(3), abs=1e-4)
+    m, ci = mean_ci([0.4])
+    assert m == 0.4 and math.isnan(ci)
+
+
+def _summary(vals: dict[str, list[float]]) -> dict:
+    out = {}
+    for arm, v in vals.items():
+        m, ci = mean_ci(v)
+        out[arm] = {"metric": "accuracy", "mean": m, "ci95": ci, "values": v}
+    return {"e": out}
+
+
+def test_verdict_says_when_no_arm_learned_and_when_cis_overlap():
+    chance = {"e": {"accuracy": 0.25, "how": "x"}}
+    s = _summary({"causal": [0.24, 0.26, 0.25], "pause": [0.22, 0.27, 0.25], "hybrid": [0.26, 0.24, 0.28]})
+    v = verdict(s, chance, ["causal", "pause", "hybrid"], ["e"])
+    assert v["no_arm_learned"]
+    assert "No arm learned" in overall_statement({"verdict": v, "summary": s})
+
+    s = _summary({"causal": [0.30, 0.35, 0.32], "pause": [0.60, 0.75, 0.70], "hybrid": [0.90, 0.92, 0.91]})
+    v = verdict(s, chance, ["causal", "pause", "hybrid"], ["e"])
+    assert not v["no_arm_learned"] and v["per_eval"]["e"]["best"] == "hybrid"
+    assert v["per_eval"]["e"]["separated_from"] == {"pause": True, "causal": True}
+    assert v["per_eval"]["e"]["learned"] == {"causal": True, "pause": True, "hybrid": True}
+    assert "hybrid beats pause (CIs separate)" in overall_statement({"verdict": v, "summary": s})
+
+    s = _summary({"pause": [0.5, 0.9, 0.7], "hybrid": [0.6, 0.8, 0.75]})
+    v = verdict(s, chance, ["pause", "hybrid"], ["e"])
+    assert v["per_eval"]["e"]["best"] == "hybrid" and v["per_eval"]["e"]["separated_from"] == {"pause": False}
+    assert "hybrid beats pause (within the CIs)" in overall_statement({"verdict": v, "summary": s})
+
+
+def test_chance_floor_for_plain_files_is_the_majority_answer():
+    from hatlm.data import Example
+
+    ev = EvalSet("f", [], [], [Example("p", "yes"), Example("q", "no"), Example("r", " yes")])
+    floor, how = chance_floor(ev)
+    assert floor == pytest.approx(2 / 3) and "'yes'" in how
+
+
+def test_demo_end_to_end_in_miniature(tmp_path):
+    """The demo's whole path (data generation, compare, table, examples, closing summary) at a
+    size that takes seconds; the real size is calibrated in hatlm.demo."""
+    from hatlm.demo import demo
+
+    buf = io.StringIO()
+    res = demo(tmp_path / "demo", steps=2, seeds=1, n_train=64, n_eval=6, think_sweep=(1, 2),
+               train_overrides={"model": TINY_MODEL, "eval_every": 1}, progress=False, file=buf)
+    text = buf.getvalue()
+    assert "does thinking help" in text and "A few predictions" in text
+    for arm in ("causal", "pause", "hybrid"):
+        assert arm in text
+    assert f"Report: {tmp_path / 'demo' / 'results.md'}" in text
+    assert (tmp_path / "demo" / "data" / "train.jsonl").exists()
+    assert len(res["records"]) == 3 * len(res["summary"])
+
+
+def test_shipped_configs_are_valid():
+    configs = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+    assert configs, "configs/*.yaml missing"
+    for f in configs:
+        cfg = load_config(f)
+        assert cfg.arm in ("causal", "pause", "hybrid")
+        yaml.safe_load(f.read_text())
