@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
 import pytest
 import torch
@@ -120,7 +121,8 @@ def test_eval_cli(tmp_path, capsys):
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 5)
     assert main(["eval", str(ckpt), "--data", str(text), "--json", "--window", "16"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["format"] == "text" and out["tokens"] > 0 and out["perplexity"] == pytest.approx(2.718281828 ** out["loss"])
+    assert out["format"] == "text" and out["tokens"] > 0
+    assert out["perplexity"] == pytest.approx(math.exp(out["loss"]))
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a"}\n')

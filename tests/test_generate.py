@@ -61,6 +61,27 @@ def test_cached_decode_equals_full_recomputation(arm, variant):
         assert [s["think_iterations"] for s in res.stats] == [3, 3, 3]
 
 
+def test_model_generate_method_forwards():
+    model = _model("pause")
+    assert model.generate(None, PROMPTS, 5, ignore_eos=True).tokens == generate(model, None, PROMPTS, 5,
+                                                                                ignore_eos=True).tokens  # fmt: skip
+    assert not model.training  # left as it was (and restored when it was training)
+    model.train()
+    model.generate(None, PROMPTS[:1], 2)
+    assert model.training
+
+
+def test_unfused_projection_path_matches(monkeypatch):
+    """Big models keep q/k/v and gate/up as separate matrices; that path is exact too."""
+    model = _model("hybrid", sliding_window=7)
+    a = generate(model, None, PROMPTS, 10, ignore_eos=True, output_logits=True)
+    monkeypatch.setattr(gen_mod, "FUSE_MAX_BYTES", 0)
+    b = generate(model, None, PROMPTS, 10, ignore_eos=True, output_logits=True)
+    assert a.tokens == b.tokens
+    for x, y in zip(a.logits, b.logits):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
 def test_flex_backend_prefill_matches_sdpa():
     model = _model("hybrid")
     flex = HatLM(replace(model.config, attn_backend="flex")).eval()
@@ -261,9 +282,10 @@ def test_stop_strings_and_eos(trained):
     class EosAt(ByteTokenizer):
         eos_id = toks[12]  # pretend a token the model writes is EOS
 
-    res = generate(model, EosAt(), ["the cat"], 30)
+    res = generate(model, EosAt(), ["the cat"], 30, output_logits=True)
     k = toks.index(EosAt.eos_id)
     assert res.tokens[0] == toks[:k]
+    assert res.logits[0].shape[0] == k + 1 and int(res.logits[0][-1].argmax()) == EosAt.eos_id
     assert res.stats[0]["stop_reason"] == "eos" and res.stats[0]["new_tokens"] == k
     assert generate(model, tok, ["the cat"], 5, ignore_eos=True).stats[0]["stop_reason"] == "length"
 
@@ -373,3 +395,19 @@ def test_cli_streams_and_writes_json(capsys, tmp_path):
     for r in data["results"]:
         assert r["stats"]["think_iterations"] == 4 and r["stats"]["rethinks"] >= 1
         assert len(r["tokens"]) <= 4
+
+
+def test_cli_generates_from_a_saved_checkpoint(capsys, tmp_path):
+    checkpoint = pytest.importorskip("hatlm.checkpoint")
+    model = HatLM(make_config(vocab_size=259, bos_token_id=256, eos_token_id=257, pad_token_id=258))
+    checkpoint.save_model(model, tmp_path / "ckpt", tokenizer=ByteTokenizer())
+    code, out, _ = _cli(capsys, str(tmp_path / "ckpt"), "hello", "--max-new-tokens", "6", "--json", "--seed", "1",
+                        "--temperature", "0.8")  # fmt: skip
+    assert code == 0
+    r = json.loads(out)["results"][0]
+    ref = generate(model, ByteTokenizer(), ["hello"], 6, temperature=0.8, seed=1)
+    assert r["tokens"] == ref.tokens[0] and r["text"] == ref.texts[0]
+    # A folder whose tokenizer does not fit the model is refused with a one-line error.
+    (tmp_path / "ckpt" / "hatlm_tokenizer.json").unlink()
+    code, _, err = _cli(capsys, str(tmp_path / "ckpt"), "hello")
+    assert code == 2 and "tokenizer has 32000 tokens but the model only 259" in err

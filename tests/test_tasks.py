@@ -13,16 +13,21 @@ from hatlm.tasks import TASKS, chance_accuracy, make_split, make_task
 
 def independent_solve(name: str, prompt: str) -> str:
     """A second solver written from the task descriptions, sharing no code with hatlm.tasks."""
-    m = re.fullmatch(r"(.*) (\w)(>*)\?", prompt)
+    m = re.fullmatch(r"(.*) (>*)([a-z])", prompt)
     assert m, prompt
-    body, start, arrows = m.groups()
+    body, arrows, start = m.groups()
+    if name == "nearest":
+        assert not arrows and re.fullmatch(r"[a-z]+", body) and start not in body
+        ranked = sorted(body, key=lambda c: abs(ord(c) - ord(start)))
+        assert abs(ord(ranked[0]) - ord(start)) < abs(ord(ranked[1]) - ord(start)), "the nearest is unique"
+        return ranked[0]
     if name == "recall":
-        pairs = re.findall(r"(\w)(\d)", body)
+        pairs = re.findall(r"([a-z])(\d)", body)
         assert len({k for k, _ in pairs}) == len(pairs), "keys must be distinct"
         return dict(pairs)[start]
     if name == "reassign":
         value = None
-        for var, val in re.findall(r"(\w)=(\d)", body):
+        for var, val in re.findall(r"([a-z])(\d)", body):
             if var == start:
                 value = val  # a later assignment overrides an earlier one
         assert value is not None
@@ -38,6 +43,8 @@ def structure(name: str, prompt: str) -> int:
     """The difficulty as visible in the prompt: pairs, assignments or hops."""
     if name == "chain":
         return prompt.count(">")
+    if name == "nearest":
+        return len(prompt.split()[0])
     return len(prompt.split()) - 1
 
 
@@ -59,8 +66,8 @@ def test_reassign_needs_the_latest_binding():
     # the shortcuts a model could take instead are wrong: the queried variable's first value
     # and the last value in the prompt never answer it
     for ex in make_task("reassign", 300, 5, seed=1):
-        stmts = re.findall(r"(\w)=(\d)", ex.prompt)
-        q = ex.prompt[-2]
+        stmts = re.findall(r"([a-z])(\d)", ex.prompt)
+        q = ex.prompt[-1]
         assert [v for var, v in stmts if var == q][0] != ex.answer
         assert stmts[-1][0] != q
 
@@ -94,6 +101,7 @@ def test_split_holds_out_levels_and_instances(name):
 
 def test_chance_floor():
     assert chance_accuracy("recall", 4) == pytest.approx(0.25)
+    assert chance_accuracy("nearest", 5) == pytest.approx(0.2)
     assert chance_accuracy("chain", 2) == pytest.approx(0.25)
     r3, r9 = chance_accuracy("reassign", 3), chance_accuracy("reassign", 9)
     assert 0.1 <= r9 < r3 <= 0.5

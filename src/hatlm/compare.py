@@ -434,7 +434,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         lines.append(f"## `{e}`")
         lines.append("")
         ch = res["chance"].get(e)
-        head = f"| arm | {metric} | per seed | params | train FLOPs/ex | inference FLOPs/ex | wall time/run |"
+        head = f"| arm | {metric} | per seed | params | train FLOPs/ex | inference FLOPs/ex | train time/run |"
         lines += [head, "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
         for a in arms:
             if a not in per_arm:

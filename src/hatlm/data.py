@@ -137,13 +137,13 @@ def load_examples(path: str | Path, fmt: str | None = None) -> list[Example]:
 
 def _example_from_record(obj: Any, where: str) -> Example:
     if not isinstance(obj, dict):
-        raise UserError(f"{where}: expected a JSON object with \"prompt\" and \"answer\"; got {type(obj).__name__}")
+        raise UserError(f'{where}: expected a JSON object with "prompt" and "answer"; got {type(obj).__name__}')
     missing = [k for k in ("prompt", "answer") if k not in obj]
     if missing:
-        raise UserError(f"{where}: missing key(s) {', '.join(missing)}; expected {{\"prompt\": ..., \"answer\": ...}}")
+        raise UserError(f'{where}: missing key(s) {", ".join(missing)}; expected {{"prompt": ..., "answer": ...}}')
     for k in ("prompt", "answer", "task"):
         if k in obj and not isinstance(obj[k], str):
-            raise UserError(f"{where}: \"{k}\" must be a string; got {type(obj[k]).__name__}")
+            raise UserError(f'{where}: "{k}" must be a string; got {type(obj[k]).__name__}')
     return Example(obj["prompt"], obj["answer"], obj.get("task", ""))
 
 
@@ -163,7 +163,7 @@ def _read_jsonl(path: Path) -> list[Example]:
 
 def _read_json_list(path: Path, data: Any) -> list[Example]:
     if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of {{\"prompt\", \"answer\"}} objects")
+        raise UserError(f'{path}: expected a JSON list of {{"prompt", "answer"}} objects')
     return [_example_from_record(obj, f"{path}, record {i}") for i, obj in enumerate(data)]
 
 
@@ -193,8 +193,7 @@ def _read_babi(path: Path, text: str) -> list[Example]:
             question, answer = parts[0].strip(), parts[1].strip() if len(parts) > 1 else ""
             if not question or not answer:
                 raise UserError(
-                    f"{path}, line {i}: a question line needs 'question<TAB>answer<TAB>supporting ids'; "
-                    f"got {line!r}"
+                    f"{path}, line {i}: a question line needs 'question<TAB>answer<TAB>supporting ids'; got {line!r}"
                 )
             out.append(Example(" ".join(story + [question]), answer, task))
         else:
@@ -324,8 +323,8 @@ class TextWindows:
         return self._n
 
     def offset(self, epoch: int) -> int:
-        if self._n == 1 and len(self.tokens) < 2 * self.stride:
-            return 0
+        if len(self.tokens) < 2 * self.stride:
+            return 0  # a single window: it starts at the beginning of the text
         return _rng("windows", self.seed, epoch).randrange(self.stride)
 
     def example_ids(self, index: int, epoch: int) -> tuple[list[int], int]:

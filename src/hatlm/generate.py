@@ -54,7 +54,9 @@ class GenerationResult:
     tokens: list[list[int]]  # generated ids (without the prompt, without the final EOS)
     texts: list[str]  # decoded text (stop strings and what follows them removed)
     stats: list[dict[str, Any]]  # per prompt, see `generate`
-    logits: list[Tensor] | None = None  # with output_logits=True: [n_generated, V] per prompt (float32, CPU)
+    # With output_logits=True: per prompt [k, V] (float32, CPU), the logits each chosen token was picked
+    # from (k = new tokens, plus one when the row ended with EOS).
+    logits: list[Tensor] | None = None
 
 
 # ------------------------------------------------------------------------------------ decode state
@@ -691,8 +693,14 @@ def _generate(model, tokenizer, rows, max_new_tokens, max_len, eos, device, t_st
         s["tokens_per_s"] = n_after / dt if n_after > 0 and dt > 0 else None
         if s["thought_shifts"]:
             s["thought_shift"] = sum(s["thought_shifts"]) / len(s["thought_shifts"])
-    logits_out = [torch.stack(lr) if lr else torch.zeros(0, model.config.vocab_size) for lr in logit_rows] if (
-        logit_rows is not None) else None  # fmt: skip
+    logits_out = None
+    if logit_rows is not None:
+        # One row per token chosen, the EOS included (with deferred host reads a row may have computed
+        # a few steps past its end: those are dropped).
+        logits_out = []
+        for b, lr in enumerate(logit_rows):
+            k = len(generated[b]) + (stats[b]["stop_reason"] == "eos")
+            logits_out.append(torch.stack(lr[:k]) if k else torch.zeros(0, cfg.vocab_size))
     return GenerationResult(generated, out_texts, stats, logits_out)
 
 
@@ -733,16 +741,12 @@ def _load_model_and_tokenizer(name: str, arm: str | None, device: str):
         model = hatlm.load(name, **overrides)
         tok = ByteTokenizer() if model.config.vocab_size == ByteTokenizer.vocab_size else load_tokenizer(None)
     else:
-        path = Path(name)
-        if not path.is_dir():
-            from hatlm.config import PRESETS as P
-
-            raise UserError(f"{name!r} is neither a checkpoint folder nor a preset (presets: {', '.join(P)})")
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise UserError(f"{name!r} is neither a checkpoint folder nor a preset (presets: {', '.join(PRESETS)})")
         if arm is not None:
             raise UserError("--arm applies to presets only; a checkpoint carries its own arm")
-        if not (path / "config.json").exists():
-            raise UserError(f"{path} has no config.json; expected a hatlm or Hugging Face Mistral checkpoint folder")
-        model = hatlm.load(path)
+        model = hatlm.load(path)  # the checkpoint loader explains what is wrong with a folder
         tok = load_tokenizer(path)
     if tok.vocab_size > model.config.vocab_size:
         raise UserError(

@@ -2,15 +2,24 @@
 
 Every family puts the decisive information *late*: the final query (or a later statement) decides
 which earlier text matters, so a reader that could re-read the prompt in the light of its end has
-something to gain. Prompts are short (≤ ~45 bytes at the default levels) and every answer is one
-character, so tiny byte-level models leave the chance floor within CPU-minutes at the easiest level.
+something to gain. Prompts are short (≤ ~45 bytes at the default levels), every answer is one
+character, and each prompt ends with the query symbol itself (a trailing "?" would cost a tiny model
+one more attention hop to find the query).
 
-    recall    "k3 q7 z1 q?"          → "7"   difficulty = number of key/value pairs
-    reassign  "a=3 b=5 a=7 b=1 a?"   → "7"   difficulty = number of assignments (later ones override)
-    chain     "bc ea ab e>>?"        → "b"   difficulty = hops to follow from the late start symbol
+    nearest   "kqzm r"          → "q"   difficulty = number of letters (the one closest to the query)
+    recall    "k3 q7 z1 q"      → "7"   difficulty = number of key/value pairs
+    reassign  "a3 b5 a7 b1 a"   → "7"   difficulty = number of assignments (later ones override)
+    chain     "bc ea ab >>e"    → "b"   difficulty = hops to follow from the late start symbol
+
+Learnability, measured on 2 shared CPU cores (hidden 64, 2 layers, ~0.26M parameters, batch 32,
+AdamW lr 3e-3, one thread): `nearest` leaves the chance floor within 200-800 steps (under a minute)
+for all three arms; `recall` stayed at its floor after 2,400 steps (90 s) — it needs an
+induction-style two-step lookup (find the key, read the token after it), as do `reassign` and
+`chain`, whose easiest levels are therefore for longer runs.
 
 `chance_accuracy(name, difficulty)` is the floor: the expected accuracy of guessing uniformly among
-the answers the prompt makes possible (the values shown; the chain's nodes other than the start).
+the answers the prompt makes possible (the letters or values shown; the chain's nodes other than
+the start).
 """
 
 from __future__ import annotations
@@ -38,12 +47,22 @@ def _rng(*key: object) -> random.Random:
 # the query could still pick from; its size sets the chance floor.
 
 
+def gen_nearest(rng: random.Random, d: int) -> tuple[str, str, set[str]]:
+    """d distinct letters, then a query letter (not among them): answer the letter closest to it in
+    the alphabet (drawn so that the closest one is unique)."""
+    while True:
+        *items, q = rng.sample(LETTERS, d + 1)
+        dist = sorted((abs(ord(x) - ord(q)), x) for x in items)
+        if dist[0][0] != dist[1][0]:
+            return "".join(items) + f" {q}", dist[0][1], set(items)
+
+
 def gen_recall(rng: random.Random, d: int) -> tuple[str, str, set[str]]:
     """d distinct keys with distinct digit values; the query at the end names one key."""
     keys = rng.sample(LETTERS, d)
     values = rng.sample(DIGITS, d)
     q = rng.randrange(d)
-    prompt = " ".join(k + v for k, v in zip(keys, values)) + f" {keys[q]}?"
+    prompt = " ".join(k + v for k, v in zip(keys, values)) + f" {keys[q]}"
     return prompt, values[q], set(values)
 
 
@@ -62,19 +81,19 @@ def gen_reassign(rng: random.Random, d: int) -> tuple[str, str, set[str]]:
     q_idx = [i for i, v in enumerate(seq) if v == q]
     while values[q_idx[-1]] == values[q_idx[0]]:
         values[q_idx[-1]] = rng.choice(DIGITS)
-    prompt = " ".join(f"{v}={x}" for v, x in zip(seq, values)) + f" {q}?"
+    prompt = " ".join(f"{v}{x}" for v, x in zip(seq, values)) + f" {q}"
     return prompt, values[q_idx[-1]], set(values)
 
 
 def gen_chain(rng: random.Random, d: int) -> tuple[str, str, set[str]]:
-    """A chain of d+3 distinct letters given as shuffled two-letter edges "xy" (x → y); the start
-    symbol comes last, followed by one '>' per hop."""
+    """A chain of d+3 distinct letters given as shuffled two-letter edges "xy" (x → y), then one '>'
+    per hop and the start symbol, last."""
     n = d + 3
     nodes = rng.sample(LETTERS, n)
     edges = [nodes[i] + nodes[i + 1] for i in range(n - 1)]
     rng.shuffle(edges)
     s = rng.randrange(n - d)  # start so that d hops stay on the chain
-    prompt = " ".join(edges) + f" {nodes[s]}{'>' * d}?"
+    prompt = " ".join(edges) + f" {'>' * d}{nodes[s]}"
     return prompt, nodes[s + d], set(nodes) - {nodes[s]}
 
 
@@ -97,6 +116,15 @@ class TaskFamily:
 
 
 TASKS: dict[str, TaskFamily] = {
+    "nearest": TaskFamily(
+        "nearest",
+        "letters, then a query letter: answer the letter closest to it in the alphabet (difficulty = letters)",
+        gen_nearest,
+        2,
+        20,
+        (2, 3, 4),
+        (2, 3, 4, 6, 8),
+    ),
     "recall": TaskFamily(
         "recall",
         "key/value pairs, then a query naming one key: answer its value (difficulty = pairs)",
@@ -211,12 +239,12 @@ def make_split(
 def chance_accuracy(name: str, difficulty: int) -> float:
     """Expected accuracy of a uniform guess among the answers the prompt makes possible.
 
-    recall: 1/difficulty; chain: 1/(difficulty + 2); reassign: the mean of 1/(distinct values
-    shown) over a fixed sample of 4000 prompts (its count of distinct values varies).
+    nearest and recall: 1/difficulty; chain: 1/(difficulty + 2); reassign: the mean of
+    1/(distinct values shown) over a fixed sample of 4000 prompts (its count of distinct values varies).
     """
     fam = get_family(name)
     fam.check(difficulty)
-    if name == "recall":
+    if name in ("nearest", "recall"):
         return 1.0 / difficulty
     if name == "chain":
         return 1.0 / (difficulty + 2)
@@ -229,17 +257,12 @@ def solve(prompt: str, name: str) -> str:
     """The reference solver of a built-in task (used to check generated answers, and for the demo)."""
     get_family(name)
     *facts, query = prompt.split(" ")
-    if name == "recall":
-        table = {f[0]: f[1:] for f in facts}
-        return table[query[0]]
-    if name == "reassign":
-        env: dict[str, str] = {}
-        for f in facts:
-            var, val = f.split("=")
-            env[var] = val
-        return env[query[0]]
+    q = query[-1]
+    if name == "nearest":
+        return min(facts[0], key=lambda x: abs(ord(x) - ord(q)))
+    if name in ("recall", "reassign"):
+        return {f[0]: f[1] for f in facts}[q]  # later facts override earlier ones
     nxt = {f[0]: f[1] for f in facts}
-    node = query[0]
     for _ in range(query.count(">")):
-        node = nxt[node]
-    return node
+        q = nxt[q]
+    return q

@@ -688,10 +688,12 @@ def train(
 ) -> dict[str, Any]:
     """Train one arm as configured; write metrics, checkpoints and the final model into out_dir.
 
-    resume=True continues from out_dir's latest checkpoint (an error when there is none — unless
-    the directory holds no run at all, then it starts fresh); the config must match the one the
-    run was started with, except RESUME_MUTABLE keys. `loss_hook(step, loss) -> loss` lets tests
-    inject faults. Returns a summary: final train loss, eval metrics, parameters, wall time, paths.
+    resume=True continues from out_dir's latest checkpoint (with none — an empty folder, or a run
+    killed before its first checkpoint — it starts from scratch); the config must match the one the
+    run was started with, except RESUME_MUTABLE keys. resume=False refuses a folder that already
+    holds a run. `loss_hook(step, loss) -> loss` lets tests inject faults. Returns a summary: final
+    train loss, eval metrics (teacher-forced), parameters, wall time of the training steps
+    (evaluation and checkpointing excluded), paths.
     """
     from tqdm.auto import tqdm
 
