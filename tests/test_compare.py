@@ -37,10 +37,17 @@ def task_files(tmp_path_factory) -> tuple[str, list[str]]:
     return str(d / "train.jsonl"), files
 
 
-def test_compare_tiny_task_writes_full_report(tmp_path, task_files):
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory, task_files) -> tuple[Path, dict]:
     train_file, eval_files = task_files
-    out = tmp_path / "cmp"
-    res = compare(train_file, eval_files, out, seeds=2, base=BASE, think_sweep=(1, 3), progress=False)
+    out = tmp_path_factory.mktemp("seq") / "cmp"
+    return out, compare(train_file, eval_files, out, seeds=2, base=BASE, think_sweep=(1, 3), workers=1,
+                        progress=False)
+
+
+def test_compare_tiny_task_writes_full_report(sequential, task_files):
+    train_file, eval_files = task_files
+    out, res = sequential
 
     data = json.loads((out / "results.json").read_text())
     recs = data["records"]
@@ -88,10 +95,25 @@ def test_compare_tiny_task_writes_full_report(tmp_path, task_files):
 
     # Running compare again on the same folder reuses the finished runs (resume is a no-op).
     again = compare(train_file, eval_files[:1], out, seeds=1, arms=["causal"], base=BASE, think_sweep=(),
-                    progress=False)
+                    workers=1, progress=False)
     first = [r for r in recs if r["arm"] == "causal" and r["seed"] == 0 and r["eval_file"] == eval_files[0]][0]
     assert again["records"][0]["accuracy"] == first["accuracy"]
     assert again["records"][0]["wall_time_s"] == first["wall_time_s"]
+
+
+def test_parallel_workers_give_the_same_results(tmp_path, sequential, task_files):
+    """Runs trained in two worker processes equal the same runs trained one after another."""
+    train_file, eval_files = task_files
+    _, seq = sequential
+    par = compare(train_file, eval_files, tmp_path / "par", seeds=2, base=BASE, think_sweep=(1, 3), workers=2,
+                  progress=False)
+
+    def key(r):
+        return (r["arm"], r["seed"], r["eval_file"], r["accuracy"], r["final_train_loss"],
+                json.dumps(r.get("accuracy_by_think_iters")))
+
+    assert [key(r) for r in par["records"]] == [key(r) for r in seq["records"]]
+    assert par["curves"]["pause|1"]["train_loss"] == seq["curves"]["pause|1"]["train_loss"]
 
 
 def test_compare_cli_errors_on_missing_file(tmp_path, task_files, capsys):
@@ -165,7 +187,7 @@ def test_demo_end_to_end_in_miniature(tmp_path):
 
     buf = io.StringIO()
     res = demo(tmp_path / "demo", steps=2, seeds=1, n_train=64, n_eval=6, think_sweep=(1, 2),
-               train_overrides={"model": TINY_MODEL, "eval_every": 1}, progress=False, file=buf)
+               train_overrides={"model": TINY_MODEL, "eval_every": 1}, workers=1, progress=False, file=buf)
     text = buf.getvalue()
     assert "does thinking help" in text and "A few predictions" in text
     for arm in ("causal", "pause", "hybrid"):

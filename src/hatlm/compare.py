@@ -17,6 +17,7 @@ DIR/
                         and a plain statement of who won and whether the CIs separate them
   learning_curves.png   eval accuracy (or loss) against training step per arm, with the chance floor
   think_iters.png       the hybrid's accuracy against test-time thinking iterations
+  predictions.jsonl     the first greedy predictions of every run on every eval file
   runs/ARM-seedS/       each training run (metrics.jsonl, checkpoints, model); finished runs are
                         reused when compare is run again with the same settings
 """
@@ -166,6 +167,85 @@ def _flops(config, rows, think_iters: int | None) -> tuple[int, int]:
             int(inference_flops_per_example(config, p, a, think_iters=think_iters)))
 
 
+# ------------------------------------------------------------------------------------ one run
+
+
+def run_job(job: dict[str, Any], on_step: Callable[[int], None] | None = None, progress: bool = False,
+            log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train one (arm, seed) run — or reuse it when finished — and evaluate it on every eval file.
+
+    A plain dict in, a plain dict out, so that it runs the same in-process or in a worker process."""
+    import torch
+
+    threads_before = torch.get_num_threads()
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    try:
+        return _run_job(job, on_step, progress, log or (lambda s: print(s, file=sys.stderr)))
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_job(job: dict[str, Any], on_step, progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
+    cfg = TrainConfig(**job["config"])
+    arm, seed, run_dir = cfg.arm, cfg.seed, Path(job["run_dir"])
+    # resume=True: a finished run is reused, an interrupted one continues from its last checkpoint
+    # (or starts over when it had none).
+    res = train(cfg, run_dir, resume=True, progress=progress, log=say, on_step=on_step)
+    model, tokenizer = _load_run(res["model_dir"])
+    eval_sets = {e: load_eval_set(e, tokenizer, cfg.max_len, cfg.data_seed, say) for e in job["eval_specs"]}
+    from hatlm.train import build_sources
+
+    src, _ = build_sources(apply_overrides(cfg, {"eval": []}), tokenizer, lambda s: None)
+    train_rows = [src.get(i, 0)[:2] for i in range(min(len(src), 2000))]
+    train_it = cfg.think_iters if cfg.think_iters is not None else model.config.hybrid.max_think_iters
+    tf, inf = _flops(model.config, train_rows, train_it if arm == "hybrid" else None)
+    params = model.num_parameters()
+    run_info = {"arm": arm, "seed": seed, "run_dir": str(run_dir), "wall_time_s": res["wall_time_s"],
+                "final_train_loss": res["final_loss"], "params": params["total"],
+                "think_iters_train": train_it if arm == "hybrid" else None}
+    records = []
+    for name, ev in eval_sets.items():
+        r = evaluate_model(model, tokenizer, ev, think_iters=None, max_examples=job["max_eval_examples"],
+                           batch_size=cfg.eval_batch_size)
+        rec = {"arm": arm, "seed": seed, "eval_file": name, "metric": r["metric"], r["metric"]: r[r["metric"]]}
+        rec.update({"n": r["n"], "params": params["total"], "params_detail": params,
+                    "train_flops_per_example": tf,
+                    "train_flops_total": tf * cfg.steps * cfg.batch_size * cfg.grad_accum,
+                    "inference_flops_per_example": inf, "wall_time_s": res["wall_time_s"], "steps": res["steps"],
+                    "final_train_loss": res["final_loss"], "think_iters": run_info["think_iters_train"],
+                    "run_dir": str(run_dir)})
+        if len(r.get("per_task", {})) > 1:  # a per-task breakdown only where there are several tasks
+            rec["per_task"] = r["per_task"]
+        if arm == "hybrid" and job["think_sweep"]:
+            by_t = {}
+            for t in job["think_sweep"]:
+                rt = evaluate_model(model, tokenizer, ev, think_iters=t, max_examples=job["max_eval_examples"],
+                                    batch_size=cfg.eval_batch_size)
+                by_t[str(t)] = rt[rt["metric"]]
+            rec[f"{r['metric']}_by_think_iters"] = by_t
+        rec["_predictions"] = r.get("predictions", [])[:50]
+        records.append(rec)
+    return {"run": run_info, "records": records}
+
+
+_QUEUE = None
+
+
+def _worker_init(queue) -> None:
+    global _QUEUE
+    _QUEUE = queue
+
+
+def _worker_job(job: dict[str, Any]) -> dict[str, Any]:
+    key = f"{job['config']['arm']}-{job['config']['seed']}"
+
+    def on_step(step: int) -> None:
+        _QUEUE.put((key, step))
+
+    return run_job(job, on_step=on_step, progress=False, log=lambda s: _QUEUE.put((key, s)))
+
+
 # ------------------------------------------------------------------------------------ compare
 
 
@@ -180,14 +260,20 @@ def compare(
     base: TrainConfig | None = None,
     think_sweep: Sequence[int] = DEFAULT_THINK_SWEEP,
     max_eval_examples: int | None = None,
+    workers: int | None = None,
+    threads: int = 1,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Train `arms` × `seeds` runs on train_spec and evaluate each on every eval spec.
+    """Train `arms` × `seeds` runs on train_spec and evaluate each on every eval file.
 
-    `base` holds every other training setting (model size, lr, batch, ...); seeds are 0..seeds-1
-    offset by base.seed. Returns the content of results.json (also written, with results.md and
-    the plots, into out_dir)."""
+    `base` holds every other training setting (model size, lr, batch, ...); seeds are base.seed,
+    base.seed+1, ... `workers` runs train at once in worker processes (None: one per available
+    CPU core), each with `threads` torch threads (default 1). For models this small one thread per
+    core beats one process using every core, it degrades gracefully on a machine shared with other
+    work (a multi-threaded process whose threads get descheduled can slow down a hundredfold), and
+    results do not depend on the machine's core count. Returns the content of results.json (also
+    written, with results.md and the plots, into out_dir)."""
     from tqdm.auto import tqdm
 
     say = log or (lambda s: tqdm.write(s, file=sys.stderr))
@@ -199,6 +285,12 @@ def compare(
         raise UserError(f"--arms: an arm is listed twice ({', '.join(arms)})")
     if not isinstance(seeds, int) or seeds < 1:
         raise UserError(f"--seeds must be a positive integer; got {seeds!r}")
+    if workers is None:
+        workers = available_cpus()
+    if not isinstance(workers, int) or workers < 1:
+        raise UserError(f"--workers must be a positive integer; got {workers!r}")
+    if not isinstance(threads, int) or threads < 1:
+        raise UserError(f"--threads must be a positive integer; got {threads!r}")
     if not eval_specs:
         raise UserError("give at least one --eval FILE")
     if any((not isinstance(t, int)) or t < 0 for t in think_sweep):
@@ -214,66 +306,32 @@ def compare(
         over["steps"] = steps
     base = apply_overrides(base, over, source="compare")
     seed_list = [base.seed + i for i in range(seeds)]
-
-    records: list[dict[str, Any]] = []
-    runs: list[dict[str, Any]] = []
-    eval_sets: dict[str, EvalSet] | None = None
-    train_rows = None
-    total = len(arms) * len(seed_list)
-    bar = tqdm(total=total, desc="compare", unit="run", disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    # Seeds outermost: after the first seed every arm has a result.
+    jobs = [{"config": apply_overrides(base, {"arm": arm, "seed": seed}, source="compare").to_dict(),
+             "run_dir": str(out / "runs" / f"{arm}-seed{seed}"), "eval_specs": list(eval_specs),
+             "think_sweep": list(think_sweep), "max_eval_examples": max_eval_examples,
+             "threads": threads}
+            for seed in seed_list for arm in arms]
     t_start = time.perf_counter()
-    try:
-        # Seeds outermost: after the first seed every arm has a result, and an interrupted compare
-        # (rerun with the same --out) resumes its runs.
-        for seed in seed_list:
-            for arm in arms:
-                cfg = apply_overrides(base, {"arm": arm, "seed": seed}, source="compare")
-                run_dir = out / "runs" / f"{arm}-seed{seed}"
-                bar.set_postfix_str(f"{arm} seed {seed}")
-                # resume=True: a finished run is reused, an interrupted one continues from its last
-                # checkpoint (or starts over when it had none).
-                res = train(cfg, run_dir, resume=True, progress=progress, log=say)
-                model, tokenizer = _load_run(res["model_dir"])
-                if eval_sets is None:
-                    eval_sets = {e: load_eval_set(e, tokenizer, base.max_len, base.data_seed, say) for e in eval_specs}
-                    from hatlm.train import build_sources
-
-                    src, _ = build_sources(apply_overrides(base, {"eval": []}), tokenizer, lambda s: None)
-                    train_rows = [src.get(i, 0)[:2] for i in range(min(len(src), 2000))]
-                train_it = cfg.think_iters if cfg.think_iters is not None else model.config.hybrid.max_think_iters
-                it_for_flops = train_it if arm == "hybrid" else None
-                tf, inf = _flops(model.config, train_rows, it_for_flops)
-                params = model.num_parameters()
-                run_info = {"arm": arm, "seed": seed, "run_dir": str(run_dir), "wall_time_s": res["wall_time_s"],
-                            "final_train_loss": res["final_loss"], "params": params["total"],
-                            "think_iters_train": train_it if arm == "hybrid" else None}
-                runs.append(run_info)
-                for name, ev in eval_sets.items():
-                    r = evaluate_model(model, tokenizer, ev, think_iters=None, max_examples=max_eval_examples,
-                                       batch_size=base.eval_batch_size)
-                    rec = {"arm": arm, "seed": seed, "eval_file": name, "metric": r["metric"]}
-                    rec[r["metric"]] = r[r["metric"]]
-                    rec.update({"n": r["n"], "params": params["total"], "params_detail": params,
-                                "train_flops_per_example": tf, "train_flops_total": tf * base.steps *
-                                base.batch_size * base.grad_accum, "inference_flops_per_example": inf,
-                                "wall_time_s": res["wall_time_s"], "steps": res["steps"],
-                                "final_train_loss": res["final_loss"], "think_iters": run_info["think_iters_train"],
-                                "run_dir": str(run_dir)})
-                    if len(r.get("per_task", {})) > 1:  # per-task breakdown only where there are tasks
-                        rec["per_task"] = r["per_task"]
-                    if arm == "hybrid" and think_sweep:
-                        by_t = {}
-                        for t in think_sweep:
-                            rt = evaluate_model(model, tokenizer, ev, think_iters=t, max_examples=max_eval_examples,
-                                                batch_size=base.eval_batch_size)
-                            by_t[str(t)] = rt[rt["metric"]]
-                        rec[f"{r['metric']}_by_think_iters"] = by_t
-                    rec["_predictions"] = r.get("predictions", [])[:50]
-                    records.append(rec)
+    if workers > 1 and len(jobs) > 1:
+        outputs = _run_parallel(jobs, min(workers, len(jobs)), base.steps, progress, say)
+    else:
+        outputs = []
+        bar = tqdm(total=len(jobs), desc="compare", unit="run", disable=not progress, dynamic_ncols=True,
+                   file=sys.stderr)
+        try:
+            for job in jobs:
+                bar.set_postfix_str(f"{job['config']['arm']} seed {job['config']['seed']}")
+                outputs.append(run_job(job, progress=progress, log=say))
                 bar.update(1)
-    finally:
-        bar.close()
-    assert eval_sets is not None
+        finally:
+            bar.close()
+    runs = [o["run"] for o in outputs]
+    records = [r for o in outputs for r in o["records"]]
+    from hatlm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(runs[0]["run_dir"]) / "model")
+    eval_sets = {e: load_eval_set(e, tokenizer, base.max_len, base.data_seed, lambda s: None) for e in eval_specs}
     chance = {name: dict(zip(("accuracy", "how"), chance_floor(ev), strict=True))
               for name, ev in eval_sets.items() if ev.metric == "accuracy"}
     summary = summarize(records, arms, list(eval_specs))
@@ -294,11 +352,78 @@ def compare(
         "total_wall_time_s": time.perf_counter() - t_start,
     }
     _write_json(out / "results.json", result)
-    (out / "results.md").write_text(render_markdown(result))
+    _write_text(out / "results.md", render_markdown(result))
+    _write_text(out / "predictions.jsonl", "".join(
+        json.dumps({"arm": k.split("|")[0], "seed": int(k.split("|")[1]), "eval_file": k.split("|", 2)[2], **p},
+                   ensure_ascii=False) + "\n" for k, ps in predictions.items() for p in ps))
     plots = make_plots(result, out)
     result["plots"] = [str(p) for p in plots]
     result["predictions"] = predictions
     return result
+
+
+def available_cpus() -> int:
+    """CPU cores this process may use (the affinity mask, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _run_parallel(jobs: list[dict[str, Any]], workers: int, steps: int, progress: bool,
+                  say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run jobs in `workers` spawned processes; one progress bar over all their training steps."""
+    import multiprocessing as mp
+    import queue as queue_mod
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from tqdm.auto import tqdm
+
+    ctx = mp.get_context("spawn")  # fork after torch has started its thread pools can hang
+    q = ctx.Manager().Queue()
+    done_steps: dict[str, int] = {}
+    bar = tqdm(total=len(jobs) * steps, desc=f"training {len(jobs)} runs on {workers} workers", unit="step",
+               disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    results: dict[int, dict[str, Any]] = {}
+    finished = 0
+
+    def drain() -> None:
+        while True:
+            try:
+                key, msg = q.get_nowait()
+            except queue_mod.Empty:
+                return
+            if isinstance(msg, int):
+                bar.update(msg - done_steps.get(key, 0))
+                done_steps[key] = msg
+            else:
+                say(f"[{key}] {msg}")
+
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(q,)) as ex:
+            futures = {ex.submit(_worker_job, job): i for i, job in enumerate(jobs)}
+            pending = set(futures)
+            try:
+                while pending:
+                    done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                    drain()
+                    for f in done:
+                        out = f.result()  # re-raises a worker's error (UserError, TrainingDiverged, ...)
+                        results[futures[f]] = out
+                        finished += 1
+                        key = f"{out['run']['arm']}-{out['run']['seed']}"
+                        bar.update(steps - done_steps.get(key, 0))  # a reused run reports no steps
+                        done_steps[key] = steps
+                        bar.set_postfix_str(f"{finished}/{len(jobs)} runs done")
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise
+    finally:
+        drain()
+        bar.close()
+    return [results[i] for i in range(len(jobs))]
 
 
 def _load_run(model_dir: str):
@@ -310,10 +435,15 @@ def _load_run(model_dir: str):
     return model, load_tokenizer(model_dir)
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_text(path: Path, text: str) -> None:
+    # Atomic: a reader never sees half a report.
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=1, default=_json_default) + "\n")
 
 
 def _json_default(o: Any) -> Any:
@@ -582,7 +712,7 @@ def make_plots(res: dict[str, Any], out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     p = out / "learning_curves.png"
-    fig.savefig(p, dpi=110)
+    _save_fig(fig, p)
     plt.close(fig)
     paths.append(p)
 
@@ -614,10 +744,16 @@ def make_plots(res: dict[str, Any], out: Path) -> list[Path]:
                 ax.legend(fontsize=8)
         fig.tight_layout()
         p = out / "think_iters.png"
-        fig.savefig(p, dpi=110)
+        _save_fig(fig, p)
         plt.close(fig)
         paths.append(p)
     return paths
+
+
+def _save_fig(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
 
 
 def print_table(res: dict[str, Any], file=None) -> None:
@@ -660,6 +796,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--think-sweep", default=",".join(map(str, DEFAULT_THINK_SWEEP)),
                    help="test-time thinking iterations for the hybrid (default 1,2,4,8,16; empty: none)")
     p.add_argument("--max-eval", type=int, help="evaluate on at most N examples per eval file")
+    p.add_argument("--workers", type=int,
+                   help="runs trained at once, each in its own process (default: one per available CPU core)")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads per run (default 1)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -687,7 +826,7 @@ def run(args: argparse.Namespace) -> int:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     res = compare(args.train, args.eval, args.out, steps=args.steps, seeds=args.seeds, arms=arms, base=base,
                   think_sweep=_int_list(args.think_sweep, "--think-sweep"), max_eval_examples=args.max_eval,
-                  progress=not args.no_progress)
+                  workers=args.workers, threads=args.threads, progress=not args.no_progress)
     print_table(res)
     print(f"\nreport: {Path(args.out) / 'results.md'}  (results.json, learning_curves.png, think_iters.png)")
     return 0

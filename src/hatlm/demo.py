@@ -26,9 +26,9 @@ from hatlm.errors import UserError
 # The calibrated demo (see the module docstring). Everything a run needs is here, so the demo works
 # from an installed package with no files; configs/demo.yaml mirrors the training part for
 # `hatlm compare --config`.
-DEMO_TASK = "recall"
+DEMO_TASK = "nearest"
 DEMO_TRAIN_DIFFICULTIES = [2, 3, 4]
-DEMO_EVAL_DIFFICULTIES = [3, 6]  # a trained level and a harder held-out one
+DEMO_EVAL_DIFFICULTIES = [4, 8]  # a trained level and a harder held-out one
 DEMO_N_TRAIN = 20000
 DEMO_N_EVAL = 300
 DEMO_SEEDS = 3
@@ -37,7 +37,7 @@ DEMO_TRAIN: dict[str, Any] = dict(
     preset="tiny-bytes",
     model=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, thinker_layers=1, thought_slots=4, max_think_iters=2),
-    steps=800,
+    steps=1200,
     batch_size=32,
     lr=3e-3,
     min_lr=3e-4,
@@ -53,8 +53,8 @@ DEMO_TRAIN: dict[str, Any] = dict(
 
 def demo(out_dir: str | Path = "hatlm-demo", *, steps: int | None = None, seeds: int = DEMO_SEEDS,
          n_train: int = DEMO_N_TRAIN, n_eval: int = DEMO_N_EVAL, think_sweep=DEMO_THINK_SWEEP,
-         train_overrides: dict[str, Any] | None = None, progress: bool = True, show: int = 4,
-         file=None) -> dict[str, Any]:
+         train_overrides: dict[str, Any] | None = None, workers: int | None = None, progress: bool = True,
+         show: int = 4, file=None) -> dict[str, Any]:
     """Generate the task, compare the three arms, print the table and examples; returns compare's result."""
     from hatlm.compare import compare, print_table
     from hatlm.data import write_jsonl
@@ -92,7 +92,7 @@ def demo(out_dir: str | Path = "hatlm-demo", *, steps: int | None = None, seeds:
           f"{n_eval} per eval level, in {data})\n", file=file, flush=True)
 
     res = compare(str(train_file), eval_files, out, seeds=seeds, base=cfg, think_sweep=think_sweep,
-                  progress=progress)
+                  workers=workers, progress=progress)
     print_table(res, file=file)
     if show:
         _show_predictions(res, eval_files[-1], show, file)
@@ -122,6 +122,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="hatlm-demo", metavar="DIR", help="report folder (default hatlm-demo)")
     p.add_argument("--steps", type=int, help=f"training steps per run (default {DEMO_TRAIN['steps']})")
     p.add_argument("--seeds", type=int, default=DEMO_SEEDS, help=f"seeds per arm (default {DEMO_SEEDS})")
+    p.add_argument("--workers", type=int, help="runs trained at once (default: one per available CPU core)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -132,5 +133,5 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be a positive integer; got {args.steps}")
-    demo(out, steps=args.steps, seeds=args.seeds, progress=not args.no_progress)
+    demo(out, steps=args.steps, seeds=args.seeds, workers=args.workers, progress=not args.no_progress)
     return 0

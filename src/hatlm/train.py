@@ -685,13 +685,15 @@ def train(
     progress: bool = True,
     loss_hook: Callable[[int, Tensor], Tensor] | None = None,
     log: Callable[[str], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train one arm as configured; write metrics, checkpoints and the final model into out_dir.
 
     resume=True continues from out_dir's latest checkpoint (with none — an empty folder, or a run
     killed before its first checkpoint — it starts from scratch); the config must match the one the
     run was started with, except RESUME_MUTABLE keys. resume=False refuses a folder that already
-    holds a run. `loss_hook(step, loss) -> loss` lets tests inject faults. Returns a summary: final
+    holds a run. `loss_hook(step, loss) -> loss` lets tests inject faults; `on_step(step)` is called
+    after every optimizer step (progress reporting from worker processes). Returns a summary: final
     train loss, eval metrics (teacher-forced), parameters, wall time of the training steps
     (evaluation and checkpointing excluded), paths.
     """
@@ -831,6 +833,8 @@ def train(
                     )
             bar.set_postfix(post, refresh=False)
             bar.update(1)
+            if on_step is not None:
+                on_step(step)
             if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
                 last_good = _save_checkpoint(out, model, tokenizer, checkpoint_state(), step, cfg.keep_checkpoints)
     finally:
@@ -899,6 +903,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (default: torch's choice; 1 is best for tiny models on a busy machine)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config key, e.g. --set warmup=20 --set hidden_size=64 (model keys allowed)")
     p.add_argument("--resume", action="store_true", help="continue OUT's latest checkpoint exactly")
@@ -932,8 +938,17 @@ def _validated(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def set_threads(n: int | None) -> None:
+    if n is None:
+        return
+    if n < 1:
+        raise UserError(f"--threads must be a positive integer; got {n}")
+    torch.set_num_threads(n)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    set_threads(args.threads)
     res = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"trained {res['arm']} for {res['steps']} steps in {res['wall_time_s']:.1f}s; final train loss "
           f"{res['final_loss']:.4f}; {res['params']['total']:,} parameters")
