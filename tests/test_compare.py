@@ -195,6 +195,7 @@ def test_demo_end_to_end_in_miniature(tmp_path):
     assert f"Report: {tmp_path / 'demo' / 'results.md'}" in text
     assert (tmp_path / "demo" / "data" / "train.jsonl").exists()
     assert len(res["records"]) == 3 * len(res["summary"])
+    assert res["config"]["model"] == TINY_MODEL and res["config"]["steps"] == 2
 
 
 def test_shipped_configs_are_valid():

@@ -175,6 +175,9 @@ def test_yaml_config_and_overrides(tmp_path):
     assert (cfg.steps, cfg.lr, cfg.warmup, cfg.arm) == (7, 0.002, 3, "hybrid")
     assert cfg.model == {"hidden_size": 48, "thought_slots": 3, "num_hidden_layers": 1}
     assert cfg.data == ["task:recall"]
+    # Overriding `model` itself replaces the mapping; single model keys merge into it.
+    c2 = apply_overrides(cfg, {"model": {"hidden_size": 16}, "thought_slots": 1})
+    assert c2.model == {"hidden_size": 16, "thought_slots": 1}
     # --data replaces the file's data; a model key given with --set lands under `model`.
     cfg = config_from_args(_args("--config", str(cfg_file), "--out", "o", "--data", "a.jsonl", "--data", "b.jsonl"))
     assert cfg.data == ["a.jsonl", "b.jsonl"]

@@ -402,7 +402,11 @@ def _run_parallel(jobs: list[dict[str, Any]], workers: int, steps: int, progress
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
                                  initargs=(q,)) as ex:
-            futures = {ex.submit(_worker_job, job): i for i, job in enumerate(jobs)}
+            # Longest first (the hybrid thinks, so it is the slowest; causal the fastest): the last
+            # runs then finish together instead of one run keeping a single worker busy at the end.
+            cost = {"hybrid": 2, "pause": 1, "causal": 0}
+            order = sorted(range(len(jobs)), key=lambda i: -cost.get(jobs[i]["config"]["arm"], 0))
+            futures = {ex.submit(_worker_job, jobs[i]): i for i in order}
             pending = set(futures)
             try:
                 while pending:

@@ -37,7 +37,7 @@ DEMO_TRAIN: dict[str, Any] = dict(
     preset="tiny-bytes",
     model=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, thinker_layers=1, thought_slots=4, max_think_iters=2),
-    steps=1200,
+    steps=1000,
     batch_size=32,
     lr=3e-3,
     min_lr=3e-4,

@@ -212,10 +212,13 @@ def load_config(path: str | Path) -> TrainConfig:
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str = "overrides") -> TrainConfig:
     """A copy of cfg with `key: value` overrides; ModelConfig/HybridConfig keys go under `model`."""
     d = cfg.to_dict()
-    model = dict(d["model"])
+    # An override of `model` itself replaces the whole mapping; single model keys merge into it.
+    model = dict(overrides["model"]) if isinstance(overrides.get("model"), dict) else dict(d["model"])
     keys = _train_keys()
     model_keys = _model_keys()
     for k, v in overrides.items():
+        if k == "model":
+            continue
         if k in keys:
             d[k] = v
         elif k in model_keys:
