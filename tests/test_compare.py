@@ -205,3 +205,14 @@ def test_shipped_configs_are_valid():
         cfg = load_config(f)
         assert cfg.arm in ("causal", "pause", "hybrid")
         yaml.safe_load(f.read_text())
+
+
+def test_demo_yaml_mirrors_the_demo_settings():
+    from hatlm.demo import DEMO_TRAIN
+    from hatlm.train import apply_overrides
+
+    shipped = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").to_dict()
+    demo_cfg = apply_overrides(TrainConfig(data=["-"]), DEMO_TRAIN).to_dict()
+    for k in ("data", "arm"):
+        shipped.pop(k), demo_cfg.pop(k)
+    assert shipped == demo_cfg

@@ -617,7 +617,7 @@ def _verdict_text(e: str, res: dict[str, Any]) -> str:
             return " ".join(parts)
         not_l = [a for a in s if a not in learned]
         parts.append(f"Above the chance floor (CI clear of it): {', '.join(learned)}"
-                     + (f"; at the floor: {', '.join(not_l)}." if not_l else "."))
+                     + (f"; not clearly above it (CI reaches the floor): {', '.join(not_l)}." if not_l else "."))
     others = []
     for a, sep in v["separated_from"].items():
         if sep is None:
@@ -738,6 +738,8 @@ def make_plots(res: dict[str, Any], out: Path) -> list[Path]:
                     ax.axhline(scale * res["summary"][e][a]["mean"], color=colors[a], ls=":", label=a)
             if e in res["chance"]:
                 ax.axhline(100 * res["chance"][e]["accuracy"], color="gray", ls="--", label="chance")
+            if metric == "accuracy":
+                ax.set_ylim(-3, 103)
             ax.set_xscale("log", base=2)
             ax.set_xticks(ts, [str(t) for t in ts])
             ax.set_xlabel("thinking iterations at test time")
