@@ -166,6 +166,10 @@ def test_verdict_says_when_no_arm_learned_and_when_cis_overlap():
     assert v["per_eval"]["e"]["learned"] == {"causal": True, "pause": True, "hybrid": True}
     assert "hybrid beats pause (CIs separate)" in overall_statement({"verdict": v, "summary": s})
 
+    s = _summary({"causal": [0.0, 0.0], "pause": [0.0, 0.0], "hybrid": [0.0, 0.0]})
+    v = verdict(s, chance, ["causal", "pause", "hybrid"], ["e"])
+    assert v["per_eval"]["e"]["best"] == "tie" and v["no_arm_learned"]
+
     s = _summary({"pause": [0.5, 0.9, 0.7], "hybrid": [0.6, 0.8, 0.75]})
     v = verdict(s, chance, ["pause", "hybrid"], ["e"])
     assert v["per_eval"]["e"]["best"] == "hybrid" and v["per_eval"]["e"]["separated_from"] == {"pause": False}

@@ -498,8 +498,10 @@ def verdict(summary: dict[str, Any], chance: dict[str, Any], arms: list[str], ev
         better_high = metric == "accuracy"
         order = sorted(s, key=lambda a: s[a]["mean"], reverse=better_high)
         best = order[0]
+        if len(order) > 1 and all(s[a]["mean"] == s[best]["mean"] for a in order):
+            best = "tie"  # every arm has the same score: nobody won
         separated = {}
-        for a in order[1:]:
+        for a in (order[1:] if best != "tie" else []):
             lo_b, hi_b = s[best]["mean"] - s[best]["ci95"], s[best]["mean"] + s[best]["ci95"]
             lo_a, hi_a = s[a]["mean"] - s[a]["ci95"], s[a]["mean"] + s[a]["ci95"]
             if math.isnan(s[best]["ci95"]) or math.isnan(s[a]["ci95"]):
@@ -626,6 +628,10 @@ def _verdict_text(e: str, res: dict[str, Any]) -> str:
             others.append(f"{a} (CIs separate)")
         else:
             others.append(f"{a} (within the CIs: not a reliable difference)")
+    if best == "tie":
+        parts.append(f"Every arm scores the same ({_fmt_metric(metric, s[v['ranking'][0]]['mean'], float('nan'))}): "
+                     "no arm won.")
+        return " ".join(parts)
     word = "highest accuracy" if metric == "accuracy" else "lowest loss"
     parts.append(f"**{best}** has the {word} ({_fmt_metric(metric, s[best]['mean'], s[best]['ci95'])}); "
                  f"against {', '.join(others)}.")
@@ -638,10 +644,14 @@ def overall_statement(res: dict[str, Any]) -> str:
         return ("No arm learned: on every eval file every arm stayed at the chance floor (within its CI), so "
                 "this run says nothing about whether thinking helps; train longer, on an easier level, or larger.")
     parts = []
-    wins = v["wins"]
+    wins = {a: n for a, n in v["wins"].items() if a != "tie"}
     parts.append("Best arm per eval file: " + ", ".join(
-        f"`{e}`: {x['best']}" for e, x in v["per_eval"].items()) + ".")
-    if len(wins) == 1:
+        f"`{e}`: {x['best'] if x['best'] != 'tie' else 'none (all arms equal)'}" for e, x in v["per_eval"].items())
+        + ".")
+    floor_only = [e for e, x in v["per_eval"].items() if "learned" in x and not any(x["learned"].values())]
+    if floor_only:
+        parts.append("No arm learned (all at the chance floor) on: " + ", ".join(f"`{e}`" for e in floor_only) + ".")
+    if len(wins) == 1 and "tie" not in v["wins"]:
         parts.append(f"{next(iter(wins))} is best on every eval file.")
     # The question the tool exists for: hybrid against pause (extra positions without thinking).
     hp = []
@@ -657,7 +667,8 @@ def overall_statement(res: dict[str, Any]) -> str:
                 overlap = not (h["mean"] - h["ci95"] > p["mean"] + p["ci95"] or
                                p["mean"] - p["ci95"] > h["mean"] + h["ci95"])
                 sig = "within the CIs" if overlap else "CIs separate"
-            hp.append(f"`{e}`: hybrid {'beats' if win else 'does not beat'} pause ({sig})")
+            word = "ties with" if diff == 0 else ("beats" if win else "does not beat")
+            hp.append(f"`{e}`: hybrid {word} pause ({sig})")
     if hp:
         parts.append("Hybrid vs pause (thinking vs merely extra positions): " + "; ".join(hp) + ".")
     return " ".join(parts)
