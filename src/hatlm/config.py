@@ -15,8 +15,57 @@ from typing import Any, Literal
 
 from hatlm.errors import ConfigError
 
-Arm = Literal["causal", "pause", "hybrid"]
-ARMS: tuple[str, ...] = ("causal", "pause", "hybrid")
+Arm = Literal["causal", "pause", "hybrid", "looped", "deep"]
+ARMS: tuple[str, ...] = ("causal", "pause", "hybrid", "looped", "deep")
+INJECTIONS = ("none", "add", "concat")
+HALTING = ("change", "kl")
+ITERS_KINDS = ("fixed", "uniform", "poisson", "lognormal-poisson")
+
+
+@dataclass(frozen=True)
+class ItersSpec:
+    """A distribution of thinking iterations for training, parsed from a `think_iters_train` string.
+
+        "" or "fixed:T"         always T ("" means max_think_iters)
+        "uniform:LO-HI"         uniform on the integers LO..HI
+        "poisson:MEAN[-MAX]"    1 + Poisson(MEAN − 1), clipped to MAX (default 3·MEAN)
+        "lognormal-poisson:MEAN[-MAX]"  Huginn (Geiping et al. 2025): 1 + Poisson(λ), λ ~ LogNormal
+                                with E[λ] = MEAN − 1 and σ = 0.5, clipped to MAX (default 3·MEAN)
+    """
+
+    kind: str
+    lo: int  # smallest possible T
+    hi: int  # largest possible T
+    mean: float  # the distribution's mean (before clipping, for poisson kinds)
+
+
+def parse_iters_spec(spec: str, default: int) -> ItersSpec:
+    """Parse a `think_iters_train` spec (see ItersSpec); `default` is T for the empty spec."""
+    text = str(spec).strip().lower()
+    if not text:
+        return ItersSpec("fixed", default, default, float(default))
+    kind, _, arg = text.partition(":")
+    bad = ConfigError(
+        f"think_iters_train {spec!r} is not a valid spec; use 'fixed:T', 'uniform:LO-HI', 'poisson:MEAN[-MAX]' "
+        "or 'lognormal-poisson:MEAN[-MAX]'"
+    )
+    if kind not in ITERS_KINDS or not arg:
+        raise bad
+    try:
+        parts = [float(x) for x in arg.split("-")]
+    except ValueError:
+        raise bad from None
+    if kind == "fixed" and len(parts) == 1 and parts[0] == int(parts[0]) and parts[0] >= 1:
+        return ItersSpec(kind, int(parts[0]), int(parts[0]), parts[0])
+    if kind == "uniform" and len(parts) == 2 and all(p == int(p) for p in parts) and 1 <= parts[0] <= parts[1]:
+        lo, hi = int(parts[0]), int(parts[1])
+        return ItersSpec(kind, lo, hi, (lo + hi) / 2)
+    if kind in ("poisson", "lognormal-poisson") and len(parts) in (1, 2) and parts[0] >= 1:
+        mean = parts[0]
+        hi = int(parts[1]) if len(parts) == 2 else max(1, round(3 * mean))
+        if hi >= 1 and (len(parts) == 1 or parts[1] == int(parts[1])):
+            return ItersSpec(kind, 1, hi, mean)
+    raise bad
 
 
 @dataclass
@@ -26,6 +75,28 @@ class HybridConfig:
     arm="causal": the thinker's layers become extra decoder layers (parameter-matched baseline).
     arm="pause":  causal decoder (with the extra layers) plus `thought_slots` learned positions.
     arm="hybrid": the full model — encoder, thinker, thought slots, decoder.
+    arm="looped": the causal decoder with the K thinker-sized layers iterated T times (shared weights,
+                  causal mask) before its N layers: the standard looped-transformer baseline, with the
+                  same recurrent-depth recipe (injection, state norm, interpolation, sampled T,
+                  truncated backprop) but no slots, no re-weighting, no bidirectional attention.
+    arm="deep":   a causal decoder with N + K·T_train distinct layers (T_train: the mean training
+                  iterations, see `depth_iters`): the same FLOPs as the loop at training depth.
+
+    The recurrent-depth ingredients (hybrid and looped; each one a switch, for ablations):
+      injection      the encoded input is fed again at every iteration ("recall": Bansal et al. 2022,
+                     "End-to-end algorithm synthesis with recurrent networks"; Huginn, Geiping et al.
+                     2025, `adapter(cat[s, e])`; Yang et al. 2023): "add" u = Thinker(z + norm(e0)),
+                     "concat" u = Thinker(W[z ; norm(e0)]) with W initialised to [I, I], "none".
+      state_norm     RMSNorm on the state after each update (Huginn's stable recurrence).
+      slot_noise     thought slots start from the learned mean plus N(0, slot_noise²) noise in training.
+      interpolate    z ← z + α ⊙ (u − z), α = sigmoid(gate(u) + relevance) ∈ (0, 1) per position;
+                     False: z ← u.
+      reweight       relevance (cosine similarity to the current focus, learned temperature) shifts
+                     the step α; reweight_attention: it also biases the thinker's attention keys.
+      think_iters_train  distribution of T per training step (ItersSpec); backprop_iters k: only the
+                     last k iterations are differentiated (the first T − k run without gradient).
+      halting        "change": stop once ‖Δz‖/‖z‖ < ε; "kl": once KL(readout_t ‖ readout_{t−1}) < ε
+                     (Huginn uses 5e-4), the readout being the first answer token's distribution.
     """
 
     arm: str = "hybrid"
@@ -39,6 +110,14 @@ class HybridConfig:
     gate_bias_init: float = 0.0  # interpolation gate a = sigmoid(w·u + b); 0 → a = 0.5 at init
     decoder_prefix: str = "causal"  # decoder mask over prompt+thoughts: "causal" | "bidirectional"
     thinker_init: str = "copy_first"  # when built from a Mistral checkpoint: "copy_first" | "random"
+    injection: str = "add"  # "none" | "add" | "concat": feed the encoded input at every iteration
+    state_norm: bool = True  # RMSNorm on the thinking state after each update
+    slot_noise: float = 0.0  # std of the noise added to the thought slots' learned mean in training
+    interpolate: bool = True  # z ← z + α(u − z) with α ∈ (0, 1); False: z ← u
+    reweight_attention: bool = True  # relevance also biases the thinker's attention (per key)
+    think_iters_train: str = ""  # distribution of T per training step (see ItersSpec); "" = max_think_iters
+    backprop_iters: int = 0  # differentiate only the last k iterations in training (0: all)
+    halting: str = "change"  # halting criterion when halting_threshold > 0: "change" | "kl"
 
     def validate(self) -> None:
         if self.arm not in ARMS:
@@ -47,8 +126,17 @@ class HybridConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ConfigError(f"hybrid.{name} must be a non-negative integer; got {v!r}")
-        if self.arm == "hybrid" and self.thinker_layers < 1:
-            raise ConfigError("hybrid.thinker_layers must be >= 1 for the hybrid arm")
+        if self.arm in ("hybrid", "looped") and self.thinker_layers < 1:
+            raise ConfigError(f"hybrid.thinker_layers must be >= 1 for the {self.arm} arm")
+        if self.injection not in INJECTIONS:
+            raise ConfigError(f"hybrid.injection must be one of {', '.join(INJECTIONS)}; got {self.injection!r}")
+        if self.halting not in HALTING:
+            raise ConfigError(f"hybrid.halting must be one of {', '.join(HALTING)}; got {self.halting!r}")
+        if not isinstance(self.backprop_iters, int) or self.backprop_iters < 0:
+            raise ConfigError(f"hybrid.backprop_iters must be a non-negative integer; got {self.backprop_iters!r}")
+        if not isinstance(self.slot_noise, (int, float)) or self.slot_noise < 0:
+            raise ConfigError(f"hybrid.slot_noise must be >= 0; got {self.slot_noise!r}")
+        self.iters_spec()  # raises on a malformed spec
         if self.halting_threshold < 0:
             raise ConfigError(f"hybrid.halting_threshold must be >= 0; got {self.halting_threshold}")
         if self.decoder_prefix not in ("causal", "bidirectional"):
@@ -59,6 +147,15 @@ class HybridConfig:
             raise ConfigError(
                 f"hybrid.thinker_init must be 'copy_first' or 'random'; got {self.thinker_init!r}"
             )
+
+    def iters_spec(self) -> ItersSpec:
+        """The training distribution of thinking iterations."""
+        return parse_iters_spec(self.think_iters_train, self.max_think_iters)
+
+    @property
+    def depth_iters(self) -> int:
+        """T_train for the `deep` arm's K·T_train extra layers: the mean training iterations, rounded."""
+        return max(1, round(self.iters_spec().mean))
 
 
 @dataclass
@@ -130,13 +227,16 @@ class ModelConfig:
     @property
     def decoder_layers(self) -> int:
         """Decoder depth: the baselines take the thinker's layers as extra decoder layers."""
-        if self.hybrid.arm == "hybrid":
+        h = self.hybrid
+        if h.arm in ("hybrid", "looped"):
             return self.num_hidden_layers
-        return self.num_hidden_layers + self.hybrid.thinker_layers
+        if h.arm == "deep":
+            return self.num_hidden_layers + h.thinker_layers * h.depth_iters
+        return self.num_hidden_layers + h.thinker_layers
 
     @property
     def num_thought_slots(self) -> int:
-        return 0 if self.hybrid.arm == "causal" else self.hybrid.thought_slots
+        return self.hybrid.thought_slots if self.hybrid.arm in ("pause", "hybrid") else 0
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with `changes`; keys of HybridConfig may be given directly (e.g. thought_slots=4)."""

@@ -1,8 +1,10 @@
-"""Analytic FLOP counts per example for the three arms (DESIGN.md §2: "FLOPs per example").
+"""Analytic FLOP counts per example for the five arms (DESIGN.md §2: "FLOPs per example").
 
 Conventions (the usual ones, so figures compare with papers): a multiply-add is 2 FLOPs; only matrix
-products count (projections, attention scores and values, the thinker's similarity matrix, the LM
-head) — norms, RoPE, activations and softmax are left out (a few % on tiny models, ≪1% at scale).
+products count (projections, attention scores and values, the thinker's gate and injection adapter,
+the LM head) — norms, RoPE, activations, softmax and the relevance (one cosine per position: O(N·d))
+are left out (a few % on tiny models, ≪1% at scale). The "kl" halting readout (one decoder pass per
+iteration) is not counted either: halting is an inference option whose iterations are reported.
 
 Per Mistral layer and position: 2 × (q, k, v, o, gate, up, down weights). Attention: 4 · heads ·
 head_dim FLOPs per (query, key) pair (scores and weighted values). Which pairs count is `attention`:
@@ -13,8 +15,11 @@ padded square (what SDPA computes with an explicit boolean mask, and what
 An example is a prompt of n tokens (BOS included) and an answer of k tokens (EOS included):
   causal: N + K decoder layers over n + k positions
   pause:  N + K decoder layers over n + m + k positions (m pause positions)
-  hybrid: thinker K layers × T iterations over n + m positions (plus the similarity re-weighting and
-          gate), the prompt refinement projection, then N decoder layers over n + m + k positions
+  hybrid: thinker K layers × T iterations over n + m positions (bidirectional; plus gate and
+          injection adapter), the prompt refinement projection, then N decoder layers over n + m + k
+  looped: the K loop layers × T iterations over n + k positions (causal; gate, adapter), then N
+          decoder layers over n + k positions
+  deep:   N + K·T_train decoder layers over n + k positions (T_train fixed by the config, not by T)
 Training ≈ 3 × forward (the backward pass costs about twice the forward).
 """
 
@@ -56,7 +61,7 @@ def _check(config: ModelConfig, prompt_len: int, answer_len: int, think_iters: i
         raise ValueError(f"need prompt_len >= 1 and answer_len >= 0; got {prompt_len}, {answer_len}")
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}; got {attention!r}")
-    if config.arm != "hybrid":
+    if config.arm not in ("hybrid", "looped"):
         return 0
     T = config.hybrid.max_think_iters if think_iters is None else int(think_iters)
     if T < 0:
@@ -69,13 +74,11 @@ def think_flops(config: ModelConfig, prompt_len: int, think_iters: int | None = 
     T = _check(config, prompt_len, 0, think_iters, attention)
     if config.arm != "hybrid":
         return 0
-    h, d = config.hybrid, config.hidden_size
+    h = config.hybrid
     N = prompt_len + config.num_thought_slots
     per_layer = layer_matmul_flops_per_position(config) * N + attention_flops_per_pair(config) * N * N
-    iteration = h.thinker_layers * per_layer + 2 * d * N  # K bidirectional layers + the gate (d → 1)
-    if h.reweight:
-        iteration += 2 * N * N * d  # cosine-similarity matrix of all positions
-    flops = T * iteration + 2 * N * d * d  # prompt_refine over the N thinker positions
+    flops = T * (h.thinker_layers * per_layer + _step_extra_flops(config, N))
+    flops += 2 * N * config.hidden_size**2  # prompt_refine over the N thinker positions
     if h.encoder_layers:
         pairs = N * N if attention == "dense" else _decoder_pairs(N, config.sliding_window)
         flops += h.encoder_layers * (layer_matmul_flops_per_position(config) * N
@@ -83,12 +86,31 @@ def think_flops(config: ModelConfig, prompt_len: int, think_iters: int | None = 
     return flops
 
 
+def _step_extra_flops(config: ModelConfig, n_positions: int) -> int:
+    """Per iteration and beyond the K layers: the gate (d → 1) and the "concat" adapter (2d → d)."""
+    h, d = config.hybrid, config.hidden_size
+    flops = 2 * d * n_positions if h.interpolate else 0
+    if h.injection == "concat":
+        flops += 2 * 2 * d * d * n_positions
+    return flops
+
+
+def loop_flops(config: ModelConfig, n_positions: int, think_iters: int | None = None, attention: str = "causal") -> int:
+    """The looped arm's T iterations of its K causal layers over `n_positions` (0 for other arms)."""
+    T = _check(config, 1, 0, think_iters, attention)
+    if config.arm != "looped":
+        return 0
+    pairs = n_positions * n_positions if attention == "dense" else _decoder_pairs(n_positions, config.sliding_window)
+    per_layer = layer_matmul_flops_per_position(config) * n_positions + attention_flops_per_pair(config) * pairs
+    return T * (config.hybrid.thinker_layers * per_layer + _step_extra_flops(config, n_positions))
+
+
 def decoder_flops(config: ModelConfig, n_positions: int, prompt_positions: int, attention: str = "causal") -> int:
     """The decoder layers over `n_positions` (LM head not included)."""
     if attention == "dense":
         pairs = n_positions * n_positions
     else:
-        prefix = prompt_positions if config.hybrid.decoder_prefix == "bidirectional" and config.arm != "causal" else 0
+        prefix = prompt_positions if config.hybrid.decoder_prefix == "bidirectional" and config.arm in ("pause", "hybrid") else 0
         pairs = _decoder_pairs(n_positions, config.sliding_window, prefix)
     per_layer = layer_matmul_flops_per_position(config) * n_positions + attention_flops_per_pair(config) * pairs
     return config.decoder_layers * per_layer
@@ -110,7 +132,7 @@ def forward_flops(
     _check(config, prompt_len, answer_len, think_iters, attention)
     m = config.num_thought_slots
     L = prompt_len + answer_len
-    flops = think_flops(config, prompt_len, think_iters, attention)
+    flops = think_flops(config, prompt_len, think_iters, attention) + loop_flops(config, L, think_iters, attention)
     flops += decoder_flops(config, L + m, prompt_len + m, attention)
     return flops + lm_head_flops(config, L)
 
@@ -136,10 +158,13 @@ def inference_flops_per_example(
     attention: str = "causal",
 ) -> int:
     """Generating an answer of `answer_len` tokens with a KV cache: thinking once, the decoder over
-    prompt + slots + answer (each position once), and the LM head only where a token is chosen."""
+    prompt + slots + answer (each position once), and the LM head only where a token is chosen.
+    The looped arm counts its loop over prompt + answer once per position too (what a per-iteration
+    KV cache computes; hatlm's looped generation recomputes instead, see generate.py)."""
     _check(config, prompt_len, answer_len, think_iters, attention)
     m = config.num_thought_slots
     flops = think_flops(config, prompt_len, think_iters, attention)
+    flops += loop_flops(config, prompt_len + answer_len, think_iters, attention)
     flops += decoder_flops(config, prompt_len + m + answer_len, prompt_len + m, attention)
     return flops + lm_head_flops(config, answer_len)
 
@@ -152,6 +177,6 @@ def flops_summary(config: ModelConfig, prompt_len: int, answer_len: int, think_i
         "prompt_len": prompt_len,
         "answer_len": answer_len,
         "think_iters": (config.hybrid.max_think_iters if think_iters is None else think_iters)
-        if config.arm == "hybrid"
+        if config.arm in ("hybrid", "looped")
         else 0,
     }

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hatlm.config import ARMS
 from hatlm.errors import UserError
 from hatlm.layers import DecodePosition
 from hatlm.masks import to_sdpa_mask
@@ -133,6 +134,33 @@ class _Decoder:
         for blk, cache, fused in zip(model.decoder.layers, self.caches, self.fused):
             x = blk.decode(x, at, cache, fused)
         return model.logits_from_hidden(x)
+
+
+class _LoopedDecoder:
+    """The looped arm's decode: each step recomputes the whole sequence through the loop and the
+    decoder (a new token's state at every iteration attends to every earlier token's state at that
+    iteration, so a cache would need one per iteration and layer). Exact by construction; quadratic
+    in the length, which is fine for the short answers this arm is compared on."""
+
+    def __init__(self, model, think_iters: int | None, halting_threshold: float | None) -> None:
+        self.model, self.think_iters, self.halting = model, think_iters, halting_threshold
+        self.rows: list[list[int]] = []
+        self.iterations: Tensor | None = None
+
+    def run(self) -> Tensor:
+        ids, n = _pad_rows(self.rows, self.model.device)
+        out = self.model.looped_forward(ids, n, self.think_iters, self.halting)
+        self.iterations = out.iterations
+        return out.logits.gather(1, (n - 1).view(-1, 1, 1).expand(-1, 1, out.logits.shape[-1]))[:, 0]
+
+    def prefill_rows(self, seqs: list[list[int]]) -> Tensor:
+        self.rows = [list(s) for s in seqs]
+        return self.run()
+
+    def step(self, tokens: Tensor, pos: list[int]) -> Tensor:
+        for row, t in zip(self.rows, tokens.tolist()):
+            row.append(t)
+        return self.run()
 
 
 # ------------------------------------------------------------------------------------ thinking
@@ -396,7 +424,8 @@ def _generate(model, tokenizer, rows, max_new_tokens, max_len, eos, device, t_st
               refine_objective, stream, ignore_eos, output_logits) -> GenerationResult:  # fmt: skip
     cfg = model.config
     B, m, arm = len(rows), cfg.num_thought_slots, model.arm
-    dec = _Decoder(model, B, max_len)
+    arm = "causal" if arm == "deep" else arm  # the deep arm is a deeper causal decoder
+    dec = _LoopedDecoder(model, think_iters, halting_threshold) if arm == "looped" else _Decoder(model, B, max_len)
     stats: list[dict[str, Any]] = [
         dict(
             prompt_tokens=len(r), new_tokens=0, think_iterations=0, final_change=0.0, rethinks=0,
@@ -409,6 +438,11 @@ def _generate(model, tokenizer, rows, max_new_tokens, max_len, eos, device, t_st
 
     def prefill(seqs: list[list[int]], first: bool, active: list[bool] | None = None) -> tuple[Tensor, list[int]]:
         """Think (hybrid) and fill the cache from [seq ; thoughts] → (logits [B, V], next positions)."""
+        if arm == "looped":
+            logits = dec.prefill_rows(seqs)
+            for b in range(B):
+                stats[b]["think_iterations"] = int(dec.iterations[b])
+            return logits, [len(s) for s in seqs]
         ids, n = _pad_rows(seqs, device)
         if arm == "causal":
             x = model.decoder.embed_tokens(ids)
@@ -631,7 +665,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refine-steps", type=int, default=0, help="gradient refinement steps (hybrid)")
     parser.add_argument("--refine-lr", type=float, default=0.1, help="relative refinement step size")
     parser.add_argument("--refine-objective", choices=REFINE_OBJECTIVES, default="entropy")
-    parser.add_argument("--arm", choices=("causal", "pause", "hybrid"), default=None, help="arm (presets only)")
+    parser.add_argument("--arm", choices=ARMS, default=None, help="arm (presets only)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per batch with --file")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 

@@ -1,12 +1,15 @@
-"""The hatlm model, top to bottom: a Mistral decoder, the thinker, and the three comparison arms.
+"""The hatlm model, top to bottom: a Mistral decoder, the thinker, and the five comparison arms.
 
     think:  z0 = [Embed(prompt) ; thought_slots]            (per row: n_b prompt positions + m slots)
-            repeat t = 1..T:  u  = Thinker(z)                (K bidirectional Mistral layers, shared)
-                              r  = re-weighting from cos-similarities of all positions
-                              a  = sigmoid(gate(u))          (per position)
-                              z ← z + a ⊙ r ⊙ (u − z)        until ‖Δz‖/‖z‖ < ε or T = T_max
+            repeat t = 1..T:  z ← Thinker.step(z, e0)        (recurrent-depth step, thinking.py)
+                                                             until the change < ε or T = T_max
     speak:  decoder input = [Embed(prompt) + P(z_prompt − z0_prompt) ; z_thoughts ; Embed(text)]
             P is zero-initialised, so with m = 0 the hybrid *is* the base model at initialisation.
+
+Arms (config.HybridConfig): causal and pause (N + K decoder layers), hybrid (above), looped (the same
+Thinker with a causal mask iterated over the token embeddings, then the N decoder layers: with T = 1
+and the recipe's ingredients off it is the causal arm), deep (N + K·T_train decoder layers, otherwise
+the causal arm).
 
 Sequence layout. Rows are right-padded: row b holds `lengths[b]` tokens, its first
 `prompt_lengths[b]` being the prompt. The thought slots are inserted right after each row's prompt,
@@ -26,7 +29,7 @@ from torch import Tensor, nn
 from hatlm.config import ModelConfig
 from hatlm.layers import Block, KVCache, RMSNorm, RotaryEmbedding
 from hatlm.masks import MaskFn, bidirectional_mask, decoder_mask, to_block_mask, to_sdpa_mask
-from hatlm.thinking import Thinker, ThinkResult
+from hatlm.thinking import Thinker, ThinkResult, sample_think_iters
 
 __all__ = ["Decoder", "HatLM", "HybridOutput", "KVCache", "RMSNorm", "RotaryEmbedding", "ThinkResult", "Thinker"]
 
@@ -63,12 +66,11 @@ class HatLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
         m = config.num_thought_slots
-        self.thought_slots = nn.Parameter(torch.zeros(m, config.hidden_size)) if self.arm != "causal" else None
+        self.thought_slots = nn.Parameter(torch.zeros(m, config.hidden_size)) if self.arm in ("pause", "hybrid") else None
+        self.thinker = Thinker(config, causal=self.arm == "looped") if self.arm in ("hybrid", "looped") else None
         if self.arm == "hybrid":
-            self.thinker = Thinker(config)
             self.prompt_refine = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         else:
-            self.thinker = None
             self.prompt_refine = None
         self.gradient_checkpointing = False
         self.reset_parameters()
@@ -95,11 +97,10 @@ class HatLM(nn.Module):
         """Fresh thinking path: random thought slots, zero prompt projection, gate at its init."""
         if self.thought_slots is not None:
             self.thought_slots.normal_(0.0, self.config.initializer_range)
-        if self.arm == "hybrid":
+        if self.prompt_refine is not None:
             self.prompt_refine.weight.zero_()
-            self.thinker.gate.weight.zero_()
-            self.thinker.gate.bias.fill_(self.config.hybrid.gate_bias_init)
-            self.thinker.reweight_temperature.fill_(self.config.hybrid.reweight_temperature)
+        if self.thinker is not None:
+            self.thinker.reset_parameters()
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each layer (and each thinking iteration) in the backward pass instead of keeping
@@ -107,6 +108,29 @@ class HatLM(nn.Module):
         self.gradient_checkpointing = bool(enabled)
         if self.thinker is not None:
             self.thinker.gradient_checkpointing = bool(enabled)
+
+    def thinking_stats(self) -> dict[str, float]:
+        """Learned scalars of the thinking path worth logging during training (empty without a thinker)."""
+        if self.thinker is None:
+            return {}
+        stats = {"reweight_temperature": self.thinker.temperature}
+        if self.thinker.gate is not None:
+            stats["gate_bias"] = float(self.thinker.gate.bias.detach())
+        return stats
+
+    def think_iters_for(self, think_iters: int | None) -> int:
+        """T for this call: as given; else, while training with a `think_iters_train` distribution, a
+        draw from it (torch's global RNG: reproducible from the training seed); else max_think_iters."""
+        h = self.config.hybrid
+        if think_iters is not None:
+            T = int(think_iters)
+        elif self.training and torch.is_grad_enabled() and h.think_iters_train:
+            T = sample_think_iters(h.iters_spec())
+        else:
+            T = h.max_think_iters
+        if T < 0:
+            raise ValueError(f"think_iters must be >= 0; got {T}")
+        return T
 
     @property
     def device(self) -> torch.device:
@@ -208,23 +232,31 @@ class HatLM(nn.Module):
         prompt_lengths: Tensor,
         think_iters: int | None = None,
         halting_threshold: float | None = None,
+        backprop_iters: int | None = None,
     ) -> ThinkResult:
         """Refine [prompt ; thought slots] with the bidirectional thinker (DESIGN.md §1.2).
 
-        input_ids [B, L] holds at least each row's prompt (anything after it is ignored).
+        input_ids [B, L] holds at least each row's prompt (anything after it is ignored). In training
+        the slots start from their learned mean plus `slot_noise` noise and T may be sampled
+        (`think_iters_for`); `backprop_iters` overrides the configured truncation for this call.
         """
         if self.arm != "hybrid":
             raise RuntimeError(f"think() needs the hybrid arm; this model is the {self.arm!r} arm")
         h = self.config.hybrid
-        T = h.max_think_iters if think_iters is None else int(think_iters)
+        T = self.think_iters_for(think_iters)
         eps = h.halting_threshold if halting_threshold is None else float(halting_threshold)
-        if T < 0:
-            raise ValueError(f"think_iters must be >= 0; got {T}")
         B = input_ids.shape[0]
         m = self.thought_slots.shape[0]
         P = int(prompt_lengths.max())
         slots = self.thought_slots[None].expand(B, m, -1).to(self.dtype)
-        z = self.layout(input_ids[:, :P], prompt_lengths, slots)  # [B, P+m, d]
+        e0 = self.layout(input_ids[:, :P], prompt_lengths, slots)  # [B, P+m, d]: what is injected
+        if self.training and h.slot_noise > 0 and m:
+            # Start from the learned mean plus noise (Huginn starts its state from noise): the thinker
+            # must not depend on one exact starting point.
+            noise = torch.randn(B, m, slots.shape[-1], device=slots.device, dtype=slots.dtype) * h.slot_noise
+            z = self.layout(input_ids[:, :P], prompt_lengths, slots + noise)
+        else:
+            z = e0
         N = P + m
         positions = torch.arange(N, device=z.device).expand(B, N)
         seq_len = prompt_lengths + m
@@ -234,12 +266,68 @@ class HatLM(nn.Module):
             enc = self.run_layers(self.decoder.layers[: h.encoder_layers], z, positions, enc_mask)
             is_prompt = (torch.arange(N, device=z.device)[None, :] < prompt_lengths[:, None])[..., None]
             z = torch.where(is_prompt, enc, z)
+            e0 = torch.where(is_prompt, enc, e0)
         z0 = z
-        valid = torch.arange(N, device=z.device)[None, :] < seq_len[:, None]  # [B, N]
+        j = torch.arange(N, device=z.device)[None, :]
+        valid = j < seq_len[:, None]  # [B, N]
+        focus = (j >= prompt_lengths[:, None]) & valid  # the thought slots
         mask = self.build_mask(bidirectional_mask(seq_len), B, N, N)
         rope = self.rope(positions, z.dtype)
-        z, iterations, final_change = self.thinker.iterate(z, rope, mask, valid, T, eps)
-        return ThinkResult(z, z0, prompt_lengths, iterations, final_change)
+        readout = None
+        if h.halting == "kl" and eps > 0:
+            ids_p = input_ids[:, :P]
+
+            def readout(zt: Tensor) -> Tensor:
+                return self.first_answer_logprobs(ids_p, ThinkResult(zt, z0, prompt_lengths, None, None))
+
+        z, iterations, final_change, final_kl = self.thinker.iterate(
+            z, rope, mask, valid, T, eps, e0=e0, focus=focus, halting=h.halting, readout=readout,
+            backprop_iters=backprop_iters,
+        )
+        return ThinkResult(z, z0, prompt_lengths, iterations, final_change, final_kl)
+
+    def first_answer_logprobs(self, input_ids: Tensor, think: ThinkResult) -> Tensor:
+        """log p(first answer token) [B, V]: the decoder over [prompt ; thoughts], read at the last
+        thought (the readout whose KL between iterations is the "kl" halting criterion)."""
+        n = think.prompt_lengths
+        m = self.config.num_thought_slots
+        hid = self.decoder_hidden(input_ids, n, think, n + m)
+        last = (n + m - 1).view(-1, 1, 1).expand(-1, 1, hid.shape[-1])
+        return torch.log_softmax(self.logits_from_hidden(hid.gather(1, last)[:, 0]).float(), dim=-1)
+
+    def looped_forward(
+        self,
+        input_ids: Tensor,
+        lengths: Tensor | None = None,
+        think_iters: int | None = None,
+        halting_threshold: float | None = None,
+        backprop_iters: int | None = None,
+    ) -> HybridOutput:
+        """The looped arm: the causal loop block iterated T times over the token embeddings (input
+        injection etc. as configured), then the N decoder layers → HybridOutput (logits [B, L, V])."""
+        h = self.config.hybrid
+        B, L = input_ids.shape
+        lengths = self._lengths(input_ids, lengths)
+        T = self.think_iters_for(think_iters)
+        eps = h.halting_threshold if halting_threshold is None else float(halting_threshold)
+        positions = torch.arange(L, device=input_ids.device).expand(B, L)
+        mask = self.build_mask(decoder_mask(positions, lengths, self.config.sliding_window), B, L, L)
+        rope = self.rope(positions, self.dtype)
+        e0 = self.decoder.embed_tokens(input_ids)
+        valid = positions < lengths[:, None]
+        readout = None
+        if h.halting == "kl" and eps > 0:
+            last = (lengths - 1).view(B, 1, 1).expand(B, 1, e0.shape[-1])
+
+            def readout(zt: Tensor) -> Tensor:
+                hid = self.run_layers(self.decoder.layers, zt, positions, mask).gather(1, last)[:, 0]
+                return torch.log_softmax(self.logits_from_hidden(hid).float(), dim=-1)
+
+        z, iterations, final_change, _ = self.thinker.iterate(
+            e0, rope, mask, valid, T, eps, e0=e0, halting=h.halting, readout=readout, backprop_iters=backprop_iters
+        )
+        hid = self.run_layers(self.decoder.layers, z, positions, mask)
+        return HybridOutput(self.logits_from_hidden(hid), iterations, final_change)
 
     def decoder_inputs(self, input_ids: Tensor, prompt_lengths: Tensor, think: ThinkResult | None) -> Tensor:
         """[B, L+m, d]: prompt embeddings (+ their zero-initialised refinement), thoughts, text."""
@@ -283,6 +371,7 @@ class HatLM(nn.Module):
         lengths: Tensor | None = None,
         think_iters: int | None = None,
         halting_threshold: float | None = None,
+        backprop_iters: int | None = None,
     ) -> Tensor | HybridOutput:
         """Logits for `input_ids` [B, L] (right-padded rows of `lengths[b]` tokens).
 
@@ -293,6 +382,8 @@ class HatLM(nn.Module):
         """
         self._check_tokens(input_ids)
         if prompt_lengths is None:
+            if self.arm == "looped":
+                return self.looped_forward(input_ids, lengths, think_iters, halting_threshold, backprop_iters).logits
             return self.causal_forward(input_ids, lengths)
         B, L = input_ids.shape
         lengths = self._lengths(input_ids, lengths)
@@ -305,10 +396,16 @@ class HatLM(nn.Module):
                 f"for row lengths {lengths.tolist()}"
             )
         zeros = torch.zeros(B, device=input_ids.device)
-        if self.arm == "causal":
+        if self.arm in ("causal", "deep"):
             logits = self.causal_forward(input_ids, lengths)
             return HybridOutput(logits, zeros.long(), zeros)
-        think = self.think(input_ids, prompt_lengths, think_iters, halting_threshold) if self.arm == "hybrid" else None
+        if self.arm == "looped":
+            return self.looped_forward(input_ids, lengths, think_iters, halting_threshold, backprop_iters)
+        think = (
+            self.think(input_ids, prompt_lengths, think_iters, halting_threshold, backprop_iters)
+            if self.arm == "hybrid"
+            else None
+        )
         m = self.config.num_thought_slots
         h = self.decoder_hidden(input_ids, prompt_lengths, think, lengths + m)  # [B, L+m, d]
         # Back to token positions: t < n−1 reads itself, t ≥ n−1 reads m positions later (the

@@ -11,6 +11,16 @@ one more attention hop to find the query).
     reassign  "a3 b5 a7 b1 a"   → "7"   difficulty = number of assignments (later ones override)
     chain     "bc ea ab >>e"    → "b"   difficulty = hops to follow from the late start symbol
 
+Families where depth is the bottleneck (issue 8: iterations should help, and extrapolate to harder levels):
+
+    parity    "1011001"         → "0"   difficulty = bits; answer = parity of the ones (a prefix-sum
+                                        scan); train ≤ 8 bits, test 2–3× longer. Chance 1/2.
+    pointer   "ab bd ca dc >>>c" → "d"  difficulty = hops through a fixed 6-entry shuffled pointer table
+                                        (a random permutation); train ≤ 3 hops, test up to 6. Chance 1/6.
+    binding   "b=a d=7 a=3 c=b c" → "3" difficulty = hops from the queried variable to its digit (0 = bound
+                                        directly), with two distractor chains; train 0–2 hops (the 0-hop
+                                        level is the curriculum's first step), test 3–4. Chance 1/3.
+
 Learnability, measured on 2 shared CPU cores (hidden 64, 2 layers, ~0.26M parameters, batch 32,
 AdamW lr 3e-3, one thread): `nearest` leaves the chance floor within 200-800 steps (under a minute)
 for all three arms; `recall` stayed at its floor after 2,400 steps (90 s) — it needs an
@@ -97,6 +107,55 @@ def gen_chain(rng: random.Random, d: int) -> tuple[str, str, set[str]]:
     return prompt, nodes[s + d], set(nodes) - {nodes[s]}
 
 
+def gen_parity(rng: random.Random, d: int) -> tuple[str, str, set[str]]:
+    """d random bits; the answer is their parity ("1" for an odd number of ones)."""
+    bits = "".join(rng.choice("01") for _ in range(d))
+    return bits, str(bits.count("1") % 2), {"0", "1"}
+
+
+POINTER_NODES = 6
+
+
+def gen_pointer(rng: random.Random, d: int) -> tuple[str, str, set[str]]:
+    """A random permutation of 6 letters written as shuffled two-letter entries "xy" (x points to y),
+    then d '>' and the start letter: follow d pointers. The table does not grow with d, so the
+    difficulty is the number of sequential lookups alone."""
+    nodes = rng.sample(LETTERS, POINTER_NODES)
+    while True:
+        perm = rng.sample(nodes, POINTER_NODES)
+        if all(a != b for a, b in zip(nodes, perm)):  # no self-loops: every hop moves
+            break
+    nxt = dict(zip(nodes, perm))
+    entries = [a + nxt[a] for a in nodes]
+    rng.shuffle(entries)
+    start = rng.choice(nodes)
+    node = start
+    for _ in range(d):
+        node = nxt[node]
+    return " ".join(entries) + f" {'>' * d}{start}", node, set(nodes)
+
+
+def gen_binding(rng: random.Random, d: int) -> tuple[str, str, set[str]]:
+    """Variable binding: a chain v0=digit, v1=v0, …, vd=v(d−1) and two distractor chains (0..d links,
+    other digits), all statements shuffled; the query names vd. d = 0 asks for a directly bound
+    variable (the hop curriculum's first level)."""
+    n_dis = 2
+    lengths = [d] + [rng.randint(0, max(d, 1)) for _ in range(n_dis)]
+    names = rng.sample(LETTERS, sum(n + 1 for n in lengths))
+    digits = rng.sample(DIGITS, len(lengths))
+    stmts, i = [], 0
+    query = ""
+    for c, n in enumerate(lengths):
+        chain = names[i : i + n + 1]
+        i += n + 1
+        stmts.append(f"{chain[0]}={digits[c]}")
+        stmts += [f"{chain[j]}={chain[j - 1]}" for j in range(1, n + 1)]
+        if c == 0:
+            query = chain[-1]
+    rng.shuffle(stmts)
+    return " ".join(stmts) + f" {query}", digits[0], set(digits)
+
+
 @dataclass(frozen=True)
 class TaskFamily:
     name: str
@@ -153,6 +212,36 @@ TASKS: dict[str, TaskFamily] = {
         20,
         (1, 2),
         (1, 2, 3, 4),
+    ),
+    "parity": TaskFamily(
+        "parity",
+        "a bit string: answer the parity of its ones, i.e. the last entry of its prefix-sum mod 2 (difficulty = "
+        "bits; held-out levels are 2-3x longer); chance 1/2",
+        gen_parity,
+        1,
+        48,
+        (2, 3, 4, 5, 6, 7, 8),
+        (4, 8, 12, 16, 24),
+    ),
+    "pointer": TaskFamily(
+        "pointer",
+        "a shuffled 6-entry pointer table, then a start letter and one '>' per hop: answer where the hops end "
+        "(p-hop pointer chasing; difficulty = hops, the table stays the same size); chance 1/6",
+        gen_pointer,
+        1,
+        12,
+        (1, 2, 3),
+        (1, 2, 3, 4, 6),
+    ),
+    "binding": TaskFamily(
+        "binding",
+        "shuffled variable bindings (x=digit or x=y) forming a chain plus two distractor chains: answer the "
+        "queried variable's digit (difficulty = hops, 0 = bound directly); chance 1/3",
+        gen_binding,
+        0,
+        8,
+        (0, 1, 2),
+        (0, 1, 2, 3, 4),
     ),
 }
 
@@ -239,7 +328,8 @@ def make_split(
 def chance_accuracy(name: str, difficulty: int) -> float:
     """Expected accuracy of a uniform guess among the answers the prompt makes possible.
 
-    nearest and recall: 1/difficulty; chain: 1/(difficulty + 2); reassign: the mean of
+    nearest and recall: 1/difficulty; chain: 1/(difficulty + 2); parity 1/2; pointer 1/6; binding 1/3
+    (the number of chains); reassign: the mean of
     1/(distinct values shown) over a fixed sample of 4000 prompts (its count of distinct values varies).
     """
     fam = get_family(name)
@@ -248,6 +338,8 @@ def chance_accuracy(name: str, difficulty: int) -> float:
         return 1.0 / difficulty
     if name == "chain":
         return 1.0 / (difficulty + 2)
+    if name in ("parity", "pointer", "binding"):
+        return 1.0 / len(fam.generate(_rng(name, "chance"), difficulty)[2])
     rng = _rng(name, "chance", difficulty)
     n = 4000
     return sum(1.0 / len(fam.generate(rng, difficulty)[2]) for _ in range(n)) / n
@@ -256,6 +348,14 @@ def chance_accuracy(name: str, difficulty: int) -> float:
 def solve(prompt: str, name: str) -> str:
     """The reference solver of a built-in task (used to check generated answers, and for the demo)."""
     get_family(name)
+    if name == "parity":
+        return str(prompt.count("1") % 2)
+    if name == "binding":
+        *stmts, q = prompt.split(" ")
+        bound = dict(st.split("=") for st in stmts)
+        while q in bound:
+            q = bound[q]
+        return q
     *facts, query = prompt.split(" ")
     q = query[-1]
     if name == "nearest":
