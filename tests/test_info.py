@@ -50,7 +50,8 @@ def test_causal_arm_is_parameter_matched(capsys):
     """The causal baseline's extra decoder layers hold exactly the thinker's layer parameters."""
     hyb = _json(capsys, "mistral-7b")["parameters"]
     causal = _json(capsys, "mistral-7b", "--arm", "causal")
-    gate_and_temperature = 4096 + 1 + 1
+    # the thinker's own: gate (d + 1), relevance temperature, injection norm (d), state norm (d)
+    gate_and_temperature = 4096 + 1 + 1 + 4096 + 4096
     assert causal["parameters"]["backbone"] == hyb["backbone"] + hyb["thinker"] - gate_and_temperature
     assert causal["config"]["decoder_layers"] == 34
     assert causal["kv_cache_bytes_per_token"]["bf16"] == 131_072 * 34 // 32

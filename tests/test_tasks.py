@@ -13,6 +13,19 @@ from hatlm.tasks import TASKS, chance_accuracy, make_split, make_task
 
 def independent_solve(name: str, prompt: str) -> str:
     """A second solver written from the task descriptions, sharing no code with hatlm.tasks."""
+    if name == "parity":
+        assert re.fullmatch(r"[01]+", prompt)
+        return "1" if sum(map(int, prompt)) % 2 else "0"
+    if name == "binding":
+        *stmts, q = prompt.split()
+        env = {}
+        for st in stmts:
+            lhs, rhs = re.fullmatch(r"([a-z])=([a-z0-9])", st).groups()
+            assert lhs not in env, "each variable is bound once"
+            env[lhs] = rhs
+        while not q.isdigit():
+            q = env[q]
+        return q
     m = re.fullmatch(r"(.*) (>*)([a-z])", prompt)
     assert m, prompt
     body, arrows, start = m.groups()
@@ -40,8 +53,17 @@ def independent_solve(name: str, prompt: str) -> str:
 
 
 def structure(name: str, prompt: str) -> int:
-    """The difficulty as visible in the prompt: pairs, assignments or hops."""
-    if name == "chain":
+    """The difficulty as visible in the prompt: pairs, assignments, hops or bits."""
+    if name == "parity":
+        return len(prompt)
+    if name == "binding":
+        *stmts, q = prompt.split()
+        env = dict(st.split("=") for st in stmts)
+        hops = 0
+        while not env[q].isdigit():
+            q, hops = env[q], hops + 1
+        return hops
+    if name in ("chain", "pointer"):
         return prompt.count(">")
     if name == "nearest":
         return len(prompt.split()[0])
@@ -58,8 +80,8 @@ def test_answers_correct_and_difficulty_is_structure(name):
             assert ex.answer == independent_solve(name, ex.prompt), ex
             assert structure(name, ex.prompt) == d
             assert ex.task == f"{name}/d{d}" and len(ex.answer) == 1
-        assert len({ex.answer for ex in exs}) > 2  # the answer varies
-        assert max(len(ex.prompt) for ex in exs) <= 60
+        assert len({ex.answer for ex in exs}) >= (2 if name == "parity" else 3)  # the answer varies
+        assert max(len(ex.prompt) for ex in exs) <= (64 if name == "parity" else 70)
 
 
 def test_reassign_needs_the_latest_binding():
@@ -99,10 +121,27 @@ def test_split_holds_out_levels_and_instances(name):
         assert len({ex.prompt for ex in exs}) == 50
 
 
+def test_pointer_table_is_a_fixed_size_permutation_and_binding_has_distractors():
+    for d in (1, 4, 6):
+        for ex in make_task("pointer", 100, d, seed=2):
+            entries = ex.prompt.split()[:-1]
+            assert len(entries) == 6
+            assert sorted(e[0] for e in entries) == sorted(e[1] for e in entries)  # a permutation
+            assert all(e[0] != e[1] for e in entries)
+    for d in (0, 2, 4):
+        for ex in make_task("binding", 100, d, seed=2):
+            digits = re.findall(r"=(\d)", ex.prompt)
+            assert len(digits) == len(set(digits)) == 3  # the queried chain and two distractor chains
+    assert {ex.prompt.count("=") for ex in make_task("binding", 50, 0, seed=1)} != {1}
+
+
 def test_chance_floor():
     assert chance_accuracy("recall", 4) == pytest.approx(0.25)
     assert chance_accuracy("nearest", 5) == pytest.approx(0.2)
     assert chance_accuracy("chain", 2) == pytest.approx(0.25)
+    assert chance_accuracy("parity", 30) == 0.5
+    assert chance_accuracy("pointer", 3) == pytest.approx(1 / 6)
+    assert chance_accuracy("binding", 0) == chance_accuracy("binding", 4) == pytest.approx(1 / 3)
     r3, r9 = chance_accuracy("reassign", 3), chance_accuracy("reassign", 9)
     assert 0.1 <= r9 < r3 <= 0.5
     # harder levels never have a higher floor

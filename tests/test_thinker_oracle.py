@@ -80,9 +80,10 @@ def test_thinker_layers_match_bidirectional_transformers(backend):
 
 
 def test_think_one_iteration_uses_the_bidirectional_layers():
-    """think() with one iteration (re-weighting off) is z0 + a ⊙ (u − z0) where u is the oracle's
-    output over each row's [prompt ; thought slots] at positions 0 … n_b+m−1."""
-    model = _model(reweight=False)
+    """think() with one iteration (re-weighting, injection and state norm off: the plain gated step)
+    is z0 + a ⊙ (u − z0) where u is the oracle's output over each row's [prompt ; thought slots] at
+    positions 0 … n_b+m−1. (tests/test_thinking.py checks what each of those ingredients adds.)"""
+    model = _model(reweight=False, reweight_attention=False, injection="none", state_norm=False)
     with torch.no_grad():
         model.thinker.gate.weight.normal_(0.0, 0.5)  # a differs per position
     hf = _oracle(model)

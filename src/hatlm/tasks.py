@@ -14,7 +14,7 @@ one more attention hop to find the query).
 Families where depth is the bottleneck (issue 8: iterations should help, and extrapolate to harder levels):
 
     parity    "1011001"         → "0"   difficulty = bits; answer = parity of the ones (a prefix-sum
-                                        scan); train ≤ 8 bits, test 2–3× longer. Chance 1/2.
+                                        scan); train 2–12 bits, test 2–4× longer (24–48). Chance 1/2.
     pointer   "ab bd ca dc >>>c" → "d"  difficulty = hops through a fixed 6-entry shuffled pointer table
                                         (a random permutation); train ≤ 3 hops, test up to 6. Chance 1/6.
     binding   "b=a d=7 a=3 c=b c" → "3" difficulty = hops from the queried variable to its digit (0 = bound
@@ -219,9 +219,9 @@ TASKS: dict[str, TaskFamily] = {
         "bits; held-out levels are 2-3x longer); chance 1/2",
         gen_parity,
         1,
-        48,
-        (2, 3, 4, 5, 6, 7, 8),
-        (4, 8, 12, 16, 24),
+        64,
+        tuple(range(2, 13)),
+        (12, 24, 36, 48),
     ),
     "pointer": TaskFamily(
         "pointer",
