@@ -1,0 +1,94 @@
+"""Lean experiment runner for issue 8 ablations: train arms with hatlm.train.train (in-process, one
+thread), evaluate teacher-forced exact match on every eval level at several test-time T, print and
+append JSON lines. Randomised depth: in training the model is called with think_iters=None so that it
+draws T from `think_iters_train` (train.py passes an explicit T for the hybrid today)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+import torch
+
+import hatlm.train as tr
+from hatlm.checkpoint import load_model
+
+_orig = tr._forward
+
+
+def _forward(model, batch, device, think_iters, autocast):
+    return _orig(model, batch, device, None if model.training else think_iters, autocast)
+
+
+tr._forward = _forward
+
+
+def parse_set(items):
+    out = {}
+    for it in items:
+        k, _, v = it.partition("=")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--task", required=True)
+    p.add_argument("--arms", default="hybrid")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--sweep", default="1,2,4,8")
+    p.add_argument("--train-d", default=None)
+    p.add_argument("--eval-d", default=None)
+    p.add_argument("--model", nargs="*", default=[])
+    p.add_argument("--train", nargs="*", default=[])
+    p.add_argument("--tag", default="")
+    p.add_argument("--log", default="/work/wt/C/notes/runs.jsonl")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    model_over = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, thinker_layers=1, thought_slots=4, max_think_iters=2)
+    model_over.update(parse_set(a.model))
+    train_over = dict(batch_size=32, lr=3e-3, min_lr=3e-4, warmup=50, eval_every=0, save_every=0,
+                      task_train_size=4000, task_eval_size=200, tensorboard=False, weight_decay=0.01)
+    train_over["device"] = a.device
+    train_over.update(parse_set(a.train))
+    if a.train_d:
+        train_over["task_train_difficulties"] = [int(x) for x in a.train_d.split(",")]
+    if a.eval_d:
+        train_over["task_eval_difficulties"] = [int(x) for x in a.eval_d.split(",")]
+    sweep = [int(x) for x in a.sweep.split(",")]
+    for arm in a.arms.split(","):
+        for seed in [int(s) for s in a.seeds.split(",")]:
+            cfg = tr.TrainConfig(data=[f"task:{a.task}"], arm=arm, steps=a.steps, seed=seed, model=dict(model_over),
+                                 **train_over)
+            t0 = time.time()
+            with tempfile.TemporaryDirectory() as d:
+                res = tr.train(cfg, d, progress=False, log=lambda s: None)
+                model = load_model(res["model_dir"]).eval().to(tr.resolve_device(a.device))
+                tok = tr.build_tokenizer(cfg, model.config)
+                _, evals = tr.build_sources(cfg, tok, lambda s: None)
+                rec = {"tag": a.tag, "task": a.task, "arm": arm, "seed": seed, "steps": a.steps, "model": model_over,
+                       "train": train_over, "params": res["params"]["total"], "loss": round(res["final_loss"], 4),
+                       "acc": {}, "stats": model.thinking_stats()}
+                for ev in evals:
+                    lvl = ev.name.split("/")[-1]
+                    ts = sweep if arm in ("hybrid", "looped") else [None]
+                    rec["acc"][lvl] = {str(t): round(tr.forced_eval(model, ev.rows, tok.pad_id, think_iters=t)
+                                                     ["accuracy_tf"], 3) for t in ts}
+            rec["wall_s"] = round(time.time() - t0, 1)
+            line = json.dumps(rec)
+            print(line, flush=True)
+            with open(a.log, "a") as f:
+                f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
