@@ -110,7 +110,8 @@ def decoder_flops(config: ModelConfig, n_positions: int, prompt_positions: int, 
     if attention == "dense":
         pairs = n_positions * n_positions
     else:
-        prefix = prompt_positions if config.hybrid.decoder_prefix == "bidirectional" and config.arm in ("pause", "hybrid") else 0
+        with_prefix = config.hybrid.decoder_prefix == "bidirectional" and config.arm in ("pause", "hybrid")
+        prefix = prompt_positions if with_prefix else 0
         pairs = _decoder_pairs(n_positions, config.sliding_window, prefix)
     per_layer = layer_matmul_flops_per_position(config) * n_positions + attention_flops_per_pair(config) * pairs
     return config.decoder_layers * per_layer

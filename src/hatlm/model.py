@@ -66,7 +66,8 @@ class HatLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
         m = config.num_thought_slots
-        self.thought_slots = nn.Parameter(torch.zeros(m, config.hidden_size)) if self.arm in ("pause", "hybrid") else None
+        with_slots = self.arm in ("pause", "hybrid")
+        self.thought_slots = nn.Parameter(torch.zeros(m, config.hidden_size)) if with_slots else None
         self.thinker = Thinker(config, causal=self.arm == "looped") if self.arm in ("hybrid", "looped") else None
         if self.arm == "hybrid":
             self.prompt_refine = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
