@@ -127,8 +127,8 @@ def test_injection_modes():
         assert set(missing) <= {"thinker.adapter.weight"} and set(unexpected) <= {"thinker.inject_norm.weight"}
         with torch.no_grad():
             outs[mode] = model.think(ids, pl, think_iters=3)
-    # concat starts as add: the adapter is [I, I] at init
-    assert torch.allclose(outs["concat"].z, outs["add"].z, atol=1e-5)
+    # concat starts as no injection: the adapter is [I, 0] at init (it learns to take the input in)
+    assert torch.allclose(outs["concat"].z, outs["none"].z, atol=1e-5)
     valid = torch.arange(outs["add"].z.shape[1])[None] < (pl + M)[:, None]
     assert (outs["add"].z - outs["none"].z)[valid].abs().max() > 1e-2
     # the starting point is not what injection changes

@@ -86,7 +86,7 @@ class HybridConfig:
       injection      the encoded input is fed again at every iteration ("recall": Bansal et al. 2022,
                      "End-to-end algorithm synthesis with recurrent networks"; Huginn, Geiping et al.
                      2025, `adapter(cat[s, e])`; Yang et al. 2023): "add" u = Thinker(z + norm(e0)),
-                     "concat" u = Thinker(W[z ; norm(e0)]) with W initialised to [I, I], "none".
+                     "concat" u = Thinker(W[z ; norm(e0)]) with W initialised to [I, 0] (learned), "none".
       state_norm     RMSNorm on the state after each update (Huginn's stable recurrence).
       slot_noise     thought slots start from the learned mean plus N(0, slot_noise²) noise in training.
       interpolate    z ← z + α ⊙ (u − z), α = sigmoid(gate(u) + relevance) ∈ (0, 1) per position;

@@ -112,7 +112,8 @@ class Thinker(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(h.thinker_layers))
         self.injection = h.injection
         self.inject_norm = RMSNorm(d, config.rms_norm_eps) if h.injection != "none" else None
-        # "concat": W [z ; norm(e0)] with W = [I, I] at init, i.e. the "add" injection to start with.
+        # "concat": W [z ; norm(e0)] with W = [I, 0] at init: it starts as no injection (which learned
+        # fastest in notes/ablation.md) and learns how much of the input to take in.
         self.adapter = nn.Linear(2 * d, d, bias=False) if h.injection == "concat" else None
         self.state_norm = RMSNorm(d, config.rms_norm_eps) if h.state_norm else None
         self.interpolate = h.interpolate
@@ -137,7 +138,7 @@ class Thinker(nn.Module):
         if self.adapter is not None:
             d = self.adapter.out_features
             eye = torch.eye(d, dtype=self.adapter.weight.dtype, device=self.adapter.weight.device)
-            self.adapter.weight.copy_(torch.cat([eye, eye], dim=1))
+            self.adapter.weight.copy_(torch.cat([eye, torch.zeros_like(eye)], dim=1))
         for norm in (self.inject_norm, self.state_norm):
             if norm is not None:
                 norm.weight.fill_(1.0)
