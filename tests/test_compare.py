@@ -62,10 +62,12 @@ def test_compare_tiny_task_writes_full_report(sequential, task_files):
             assert set(r["accuracy_by_think_iters"]) == {"1", "3"}
     # Parameter matching: the baselines take the thinker's layer as an extra decoder layer; the
     # hybrid's extras are the slots, the gate and the zero-initialised prompt projection (d² + d + 2).
+    # Pause and hybrid also have one decoder gate per layer and head for reading the extra positions.
     params = {r["arm"]: r["params"] for r in recs}
-    d = TINY_MODEL["hidden_size"]
-    assert params["pause"] - params["causal"] == 2 * d  # the pause slots
-    assert params["hybrid"] - params["pause"] == d * d + d + 2
+    d, H = TINY_MODEL["hidden_size"], TINY_MODEL["num_attention_heads"]
+    L, K = TINY_MODEL["num_hidden_layers"], TINY_MODEL["thinker_layers"]
+    assert params["pause"] - params["causal"] == 2 * d + (L + K) * H  # the pause slots and decoder gates
+    assert params["hybrid"] - params["pause"] == d * d + d + 2 - K * H
     # Inference FLOPs: the hybrid spends the most (thinking), causal the least.
     flops = {r["arm"]: r["inference_flops_per_example"] for r in recs}
     assert flops["causal"] < flops["pause"] < flops["hybrid"]

@@ -95,17 +95,13 @@ class _Decoder:
         self.fused = [blk.fused_weights() if fuse else None for blk in layers]
 
     # ---------------------------------------------------------------- prefill (the model's own layers)
-    def prefill(self, x: Tensor, prompt_lengths: Tensor, seq_lengths: Tensor, prefix: bool) -> Tensor:
-        """Run the decoder over x [B, N, d] (right-padded rows of seq_lengths[b] positions), filling
-        the cache at positions 0..N−1 → logits [B, V] at each row's last valid position."""
-        model = self.model
-        B, N, _ = x.shape
-        positions = torch.arange(N, device=x.device).expand(B, N)
-        fn = model.decoder_mask_fn(positions, seq_lengths, prompt_lengths if prefix else None)
-        mask = model.build_mask(fn, B, N, N)
-        h = model.run_layers(model.decoder.layers, x, positions, mask, self.caches)
-        last = (seq_lengths - 1).view(B, 1, 1).expand(B, 1, h.shape[-1])
-        return model.logits_from_hidden(h.gather(1, last)[:, 0])
+    def prefill(self, x: Tensor, prompt_lengths: Tensor | None, seq_lengths: Tensor, last: Tensor) -> Tensor:
+        """Run the decoder over x [B, N, d] (see `HatLM.decoder_pass`), filling the cache
+        → logits [B, V] at each row's entry `last[b]` (its last token)."""
+        h = self.model.decoder_pass(x, prompt_lengths, seq_lengths, self.caches)
+        B = x.shape[0]
+        at = last.view(B, 1, 1).expand(B, 1, h.shape[-1])
+        return self.model.logits_from_hidden(h.gather(1, at)[:, 0])
 
     # ---------------------------------------------------------------- one decode step
     def position(self, pos: list[int]) -> DecodePosition:
@@ -120,7 +116,7 @@ class _Decoder:
         pt = torch.tensor(pos, device=self.device)
         hi = max(pos) + 1
         # The decoder's own mask predicate for these query positions and key lengths.
-        fn = self.model.decoder_mask_fn(pt[:, None], pt + 1, None)
+        fn = self.model.decoder_mask_fn(pt[:, None], pt + 1)
         mask = to_sdpa_mask(fn, B, 1, hi, self.device)  # [B, 1, 1, hi]; broadcasts over the G queries
         index = pt.view(B, 1, 1, 1).expand(B, self.Hkv, 1, self.D)
         return DecodePosition(self.cos[pt][:, None], self.sin[pt][:, None], None, 0, hi, index, mask)
@@ -130,8 +126,9 @@ class _Decoder:
         model = self.model
         at = self.position(pos)
         x = model.decoder.embed_tokens(tokens)  # [B, d]
-        for blk, cache, fused in zip(model.decoder.layers, self.caches, self.fused):
-            x = blk.decode(x, at, cache, fused)
+        gates = model.thought_gate if model.thought_gate is not None else [None] * len(self.caches)
+        for blk, cache, fused, gate in zip(model.decoder.layers, self.caches, self.fused, gates):
+            x = blk.decode(x, at, cache, fused, gate)
         return model.logits_from_hidden(x)
 
 
@@ -434,8 +431,11 @@ def _generate(model, tokenizer, rows, max_new_tokens, max_len, eos, device, t_st
                         shift = float((thoughts[b] - old).norm() / old.norm().clamp(min=1e-30))
                         stats[b]["thought_shifts"].append(shift)
                 prev_thoughts[b] = thoughts[b]
-        logits = dec.prefill(x, n, n + m, prefix=arm != "causal")
-        return logits, [len(s) + m for s in seqs]
+        if arm == "causal":
+            logits = dec.prefill(x, None, n, n - 1)
+        else:
+            logits = dec.prefill(x, n, n + m, n - 1)  # the last token reads the thoughts, not the reverse
+        return logits, [len(s) for s in seqs]
 
     generated: list[list[int]] = [[] for _ in range(B)]
     logit_rows: list[list[Tensor]] | None = [[] for _ in range(B)] if output_logits else None
