@@ -228,3 +228,30 @@ def test_demo_yaml_mirrors_the_demo_settings():
     for k in ("data", "arm"):
         shipped.pop(k), demo_cfg.pop(k)
     assert shipped == demo_cfg
+
+
+def test_every_metric_of_a_record_is_on_the_kept_examples(tmp_path, task_files):
+    """Examples longer than max_len are left out of greedy accuracy, the chance floor and the
+    learning curves alike, and the record and the report say how many and why."""
+    from hatlm.data import Example
+    from hatlm.trainstate import read_metrics
+
+    train_file, _ = task_files
+    kept = [Example("k1?", "a"), Example("k2?", "a"), Example("k3?", "a"), Example("k4?", "b"), Example("k5?", "b")]
+    too_long = [Example("x" * 60 + str(i), "b") for i in range(4)]  # > max_len 48 tokens
+    ev = tmp_path / "mixed.jsonl"
+    write_jsonl(kept[:2] + too_long[:2] + kept[2:] + too_long[2:], ev)
+    out = tmp_path / "cmp"
+    res = compare(train_file, [str(ev)], out, seeds=1, arms=["causal"], base=BASE, think_sweep=(), workers=1,
+                  progress=False)
+    write_report(res, out)
+    (rec,) = res["records"]
+    assert rec["n"] == 5
+    assert rec["eval_set"] == {"metric": "accuracy", "n_total": 9, "n_kept": 5, "n_scored": 5, "n_curve": 5,
+                               "left_out": "4 of 9 left out: 4 longer than max_len 48"}
+    # Majority answer of the kept five ("a", 3/5), not of the whole file ("b", 6/9).
+    assert res["chance"][str(ev)]["accuracy"] == pytest.approx(3 / 5) and "'a'" in res["chance"][str(ev)]["how"]
+    curve_ns = {r["n"] for r in read_metrics(rec["run_dir"]) if r["split"] == "eval"}
+    assert curve_ns == {5}
+    md = (out / "results.md").read_text()
+    assert "Scored on 5 of the 5 examples kept (4 of 9 left out: 4 longer than max_len 48)" in md

@@ -191,16 +191,7 @@ def make_plots(res: dict[str, Any], out: Path) -> list[Path]:
             ax.plot(steps, scale * vals.mean(0), color=colors.get(a), label=a)
             if len(vals) > 1:
                 ax.fill_between(steps, scale * vals.min(0), scale * vals.max(0), color=colors.get(a), alpha=0.2)
-        if e in res["chance"]:
-            ax.axhline(100 * res["chance"][e]["accuracy"], color="gray", ls="--", label="chance")
-        ax.set_title(Path(e).name if not e.startswith("task:") else e, fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("accuracy % (teacher-forced)" if metric == "accuracy" else "loss / token")
-        if metric == "accuracy":
-            ax.set_ylim(-3, 103)
-        ax.grid(alpha=0.3)
-        if j == 0:
-            ax.legend(fontsize=8)
+        _finish_axes(ax, res, e, metric, j == 0, "step", "accuracy % (teacher-forced)")
     ax = axes[0, -1]
     for a in arms:
         runs = [c for c in res["curves"].values() if c["arm"] == a and c["train_loss"]]
@@ -215,11 +206,7 @@ def make_plots(res: dict[str, Any], out: Path) -> list[Path]:
     ax.set_title("training loss (mean over seeds)", fontsize=9)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p = out / "learning_curves.png"
-    _save_fig(fig, p)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save_fig(fig, out / "learning_curves.png"))
 
     sweep = [(e, s["hybrid"]) for e, s in res["summary"].items()
              if "hybrid" in s and f"{s['hybrid']['metric']}_by_think_iters" in s["hybrid"]]
@@ -237,29 +224,35 @@ def make_plots(res: dict[str, Any], out: Path) -> list[Path]:
             for a in ("causal", "pause"):
                 if a in res["summary"][e]:
                     ax.axhline(scale * res["summary"][e][a]["mean"], color=colors[a], ls=":", label=a)
-            if e in res["chance"]:
-                ax.axhline(100 * res["chance"][e]["accuracy"], color="gray", ls="--", label="chance")
-            if metric == "accuracy":
-                ax.set_ylim(-3, 103)
             ax.set_xscale("log", base=2)
             ax.set_xticks(ts, [str(t) for t in ts])
-            ax.set_xlabel("thinking iterations at test time")
-            ax.set_ylabel("accuracy %" if metric == "accuracy" else "loss / token")
-            ax.set_title(Path(e).name if not e.startswith("task:") else e, fontsize=9)
-            ax.grid(alpha=0.3)
-            if j == 0:
-                ax.legend(fontsize=8)
-        fig.tight_layout()
-        p = out / "think_iters.png"
-        _save_fig(fig, p)
-        plt.close(fig)
-        paths.append(p)
+            _finish_axes(ax, res, e, metric, j == 0, "thinking iterations at test time", "accuracy %")
+        paths.append(_save_fig(fig, out / "think_iters.png"))
     return paths
 
 
-def _save_fig(fig, path: Path) -> None:
+def _finish_axes(ax, res: dict[str, Any], e: str, metric: str, legend: bool, xlabel: str, acc_label: str) -> None:
+    """The chance floor, labels, limits and title every panel of one eval file shares."""
+    if e in res["chance"]:
+        ax.axhline(100 * res["chance"][e]["accuracy"], color="gray", ls="--", label="chance")
+    if metric == "accuracy":
+        ax.set_ylim(-3, 103)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(acc_label if metric == "accuracy" else "loss / token")
+    ax.set_title(Path(e).name if not e.startswith("task:") else e, fontsize=9)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+
+
+def _save_fig(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
     # Atomic: a viewer never shows half a plot (the temporary keeps the .png suffix for matplotlib).
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)
+    return path
 
 
 def print_table(res: dict[str, Any], file=None) -> None:
