@@ -287,7 +287,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def generate_arguments(p: argparse.ArgumentParser) -> None:
-    from hatlm.generate import REFINE_OBJECTIVES
+    from hatlm.thinking import REFINE_OBJECTIVES
 
     p.add_argument("model", metavar="CHECKPOINT_OR_PRESET", help="checkpoint folder or preset name")
     p.add_argument("prompt", nargs="?", help="prompt text (or use --file)")
