@@ -303,3 +303,24 @@ def test_too_long_examples_are_reported(tmp_path, capsys):
     assert any("left out 1 longer than max_len=32" in m for m in msgs)
     rec = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[0])
     assert rec["step"] == 1 and rec["split"] == "train"
+
+
+@pytest.mark.parametrize("k", [2, 5, 17])
+def test_checkpoint_with_the_old_lambda_schedule_resumes_on_the_same_learning_rate(k):
+    from hatlm.train import _restore_scheduler
+
+    cfg = TrainConfig(data=["x"], steps=50, warmup=5, lr=1e-3, min_lr=1e-4)
+    p = torch.nn.Parameter(torch.zeros(1))
+    old_opt = torch.optim.AdamW([p], lr=cfg.lr)
+    old = torch.optim.lr_scheduler.LambdaLR(old_opt, lambda s: _old_lr_at(s, cfg) / cfg.lr)  # as written before
+    for _ in range(k):
+        old_opt.step()
+        old.step()
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = make_scheduler(opt, cfg)
+    opt.load_state_dict(old_opt.state_dict())  # the order train() restores them in
+    _restore_scheduler(sched, old.state_dict(), k)
+    for step in range(k, 50):
+        assert opt.param_groups[0]["lr"] == pytest.approx(_old_lr_at(step, cfg), rel=1e-12)
+        opt.step()
+        sched.step()

@@ -266,9 +266,13 @@ def _restore_scheduler(scheduler, state: dict[str, Any], step: int) -> None:
         scheduler.load_state_dict(state)
     except (KeyError, TypeError, ValueError, AttributeError):
         # A checkpoint written when the schedule was a LambdaLR: the schedule is a pure function of
-        # the step, so replaying `step` steps gives the same learning rates.
+        # the step, so replaying `step` steps of this fresh scheduler gives the same learning rates.
+        # torch's schedulers update the optimizer's lr recursively: start from the fresh step-0 lr,
+        # not the one the optimizer state just loaded.
         import warnings
 
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
             for _ in range(step):

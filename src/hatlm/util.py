@@ -60,9 +60,16 @@ def parse_value(text: str) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; on a command line it means the number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def parse_set_items(items: Iterable[str], flag: str = "--set") -> dict[str, Any]:
