@@ -331,17 +331,14 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from hatlm.generate import generate
     from hatlm.loader import load_model_and_tokenizer
+    from hatlm.util import resolve_device
 
     prompts = _read_prompts(args)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1; got {args.batch_size}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is available here")
+    device = resolve_device(args.device)  # None: CUDA when available; CUDA asked for but absent is an error
     if args.arm is not None and args.model not in PRESETS and Path(args.model).expanduser().is_dir():
         raise UserError("--arm applies to presets only; a checkpoint carries its own arm")
     model, tok = load_model_and_tokenizer(args.model, arm=args.arm, device=device)
