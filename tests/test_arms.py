@@ -42,7 +42,7 @@ def expected_parameters(c) -> int:
         total += 2 * d * d if h.injection == "concat" else 0  # adapter
         total += d if h.state_norm else 0
     if h.arm in ("pause", "hybrid"):
-        total += h.thought_slots * d
+        total += h.thought_slots * d + c.decoder_layers * hq  # slots, per-layer per-head extra-attention gate
     if h.arm == "hybrid":
         total += d * d  # prompt refinement projection
     return total

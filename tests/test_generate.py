@@ -36,10 +36,13 @@ PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 9, 10], [1, 40, 41, 42, 43, 44, 45, 46, 47]]
 
 def _model(arm: str, **kw) -> HatLM:
     model = HatLM(make_config(arm=arm, **kw)).eval()
-    if model.prompt_refine is not None:
-        with torch.no_grad():  # as after training: prompt positions read their refinement
+    with torch.no_grad():
+        if model.prompt_refine is not None:  # as after training: prompt positions read their refinement
             model.prompt_refine.weight.normal_(0.0, 0.2)
             model.thinker.gate.weight.normal_(0.0, 0.2)
+        if model.thought_gate is not None:  # … and the decoder reads the thoughts / pause slots
+            for g in model.thought_gate:
+                g.normal_(0.0, 1.0)
     return model
 
 

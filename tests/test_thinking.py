@@ -33,12 +33,18 @@ def _inputs():
 
 
 def _trained_like(model: HatLM) -> HatLM:
-    """Non-trivial thinking-path parameters (the fresh gate is constant, the fresh temperature 1)."""
+    """Non-trivial thinking-path parameters (the fresh gate is constant, the fresh temperature 1, and
+    the fresh decoder reads neither the thoughts nor the prompt's refinement)."""
     with torch.no_grad():
         th = model.thinker
         if th.gate is not None:
             th.gate.weight.normal_(0.0, 0.5)
         th.reweight_temperature.fill_(3.0)
+        if model.thought_gate is not None:
+            for g in model.thought_gate:
+                g.fill_(1.0)
+        if model.prompt_refine is not None:
+            model.prompt_refine.weight.normal_(0.0, 0.2)
     return model
 
 

@@ -25,24 +25,19 @@ Two entry points: `generate(model, tokenizer, prompts, …)` (texts, streaming, 
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from hatlm.config import ARMS
 from hatlm.errors import UserError
 from hatlm.layers import DecodePosition
 from hatlm.masks import to_sdpa_mask
-from hatlm.thinking import REFINE_OBJECTIVES, check_refine_options, refine_thoughts
+from hatlm.thinking import check_refine_options, refine_thoughts
 from hatlm.tokenizer import StreamDecoder
 
 # Fuse q/k/v (and gate/up) weights into one matrix per layer only below this many bytes of
@@ -96,17 +91,13 @@ class _Decoder:
         self.fused = [blk.fused_weights() if fuse else None for blk in layers]
 
     # ---------------------------------------------------------------- prefill (the model's own layers)
-    def prefill(self, x: Tensor, prompt_lengths: Tensor, seq_lengths: Tensor, prefix: bool) -> Tensor:
-        """Run the decoder over x [B, N, d] (right-padded rows of seq_lengths[b] positions), filling
-        the cache at positions 0..N−1 → logits [B, V] at each row's last valid position."""
-        model = self.model
-        B, N, _ = x.shape
-        positions = torch.arange(N, device=x.device).expand(B, N)
-        fn = model.decoder_mask_fn(positions, seq_lengths, prompt_lengths if prefix else None)
-        mask = model.build_mask(fn, B, N, N)
-        h = model.run_layers(model.decoder.layers, x, positions, mask, self.caches)
-        last = (seq_lengths - 1).view(B, 1, 1).expand(B, 1, h.shape[-1])
-        return model.logits_from_hidden(h.gather(1, last)[:, 0])
+    def prefill(self, x: Tensor, prompt_lengths: Tensor | None, seq_lengths: Tensor, last: Tensor) -> Tensor:
+        """Run the decoder over x [B, N, d] (see `HatLM.decoder_pass`), filling the cache
+        → logits [B, V] at each row's entry `last[b]` (its last token)."""
+        h = self.model.decoder_pass(x, prompt_lengths, seq_lengths, self.caches)
+        B = x.shape[0]
+        at = last.view(B, 1, 1).expand(B, 1, h.shape[-1])
+        return self.model.logits_from_hidden(h.gather(1, at)[:, 0])
 
     # ---------------------------------------------------------------- one decode step
     def position(self, pos: list[int]) -> DecodePosition:
@@ -121,7 +112,7 @@ class _Decoder:
         pt = torch.tensor(pos, device=self.device)
         hi = max(pos) + 1
         # The decoder's own mask predicate for these query positions and key lengths.
-        fn = self.model.decoder_mask_fn(pt[:, None], pt + 1, None)
+        fn = self.model.decoder_mask_fn(pt[:, None], pt + 1)
         mask = to_sdpa_mask(fn, B, 1, hi, self.device)  # [B, 1, 1, hi]; broadcasts over the G queries
         index = pt.view(B, 1, 1, 1).expand(B, self.Hkv, 1, self.D)
         return DecodePosition(self.cos[pt][:, None], self.sin[pt][:, None], None, 0, hi, index, mask)
@@ -131,8 +122,9 @@ class _Decoder:
         model = self.model
         at = self.position(pos)
         x = model.decoder.embed_tokens(tokens)  # [B, d]
-        for blk, cache, fused in zip(model.decoder.layers, self.caches, self.fused):
-            x = blk.decode(x, at, cache, fused)
+        gates = model.thought_gate if model.thought_gate is not None else [None] * len(self.caches)
+        for blk, cache, fused, gate in zip(model.decoder.layers, self.caches, self.fused, gates):
+            x = blk.decode(x, at, cache, fused, gate)
         return model.logits_from_hidden(x)
 
 
@@ -468,8 +460,11 @@ def _generate(model, tokenizer, rows, max_new_tokens, max_len, eos, device, t_st
                         shift = float((thoughts[b] - old).norm() / old.norm().clamp(min=1e-30))
                         stats[b]["thought_shifts"].append(shift)
                 prev_thoughts[b] = thoughts[b]
-        logits = dec.prefill(x, n, n + m, prefix=arm != "causal")
-        return logits, [len(s) + m for s in seqs]
+        if arm == "causal":
+            logits = dec.prefill(x, None, n, n - 1)
+        else:
+            logits = dec.prefill(x, n, n + m, n - 1)  # the last token reads the thoughts, not the reverse
+        return logits, [len(s) for s in seqs]
 
     generated: list[list[int]] = [[] for _ in range(B)]
     logit_rows: list[list[Tensor]] | None = [[] for _ in range(B)] if output_logits else None
@@ -644,129 +639,8 @@ def dispatch(model, *args: Any, **kwargs: Any):
     )
 
 
-# ------------------------------------------------------------------------------------ CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="CHECKPOINT_OR_PRESET", help="checkpoint folder or preset name")
-    parser.add_argument("prompt", nargs="?", help="prompt text (or use --file)")
-    parser.add_argument("--file", type=Path, help="a text file with one prompt per line")
-    parser.add_argument("--json", action="store_true", help="print results and thinking statistics as JSON")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    parser.add_argument("--think-iters", type=int, default=None, help="thinking iterations (hybrid)")
-    parser.add_argument("--halting-threshold", type=float, default=None, help="halting epsilon (hybrid)")
-    parser.add_argument("--rethink-every", type=int, default=None, help="re-think every R tokens (hybrid)")
-    parser.add_argument("--refine-steps", type=int, default=0, help="gradient refinement steps (hybrid)")
-    parser.add_argument("--refine-lr", type=float, default=0.1, help="relative refinement step size")
-    parser.add_argument("--refine-objective", choices=REFINE_OBJECTIVES, default="entropy")
-    parser.add_argument("--arm", choices=ARMS, default=None, help="arm (presets only)")
-    parser.add_argument("--batch-size", type=int, default=1, help="prompts per batch with --file")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-
-
-def _load_model_and_tokenizer(name: str, arm: str | None, device: str):
-    import hatlm
-    from hatlm.config import PRESETS
-    from hatlm.tokenizer import ByteTokenizer, load_tokenizer
-
-    if name in PRESETS:
-        overrides: dict[str, Any] = {} if arm is None else {"arm": arm}
-        torch.manual_seed(0)  # a preset has random weights: make them the same on every run
-        model = hatlm.load(name, **overrides)
-        tok = ByteTokenizer() if model.config.vocab_size == ByteTokenizer.vocab_size else load_tokenizer(None)
-    else:
-        path = Path(name).expanduser()
-        if not path.exists():
-            raise UserError(f"{name!r} is neither a checkpoint folder nor a preset (presets: {', '.join(PRESETS)})")
-        if arm is not None:
-            raise UserError("--arm applies to presets only; a checkpoint carries its own arm")
-        model = hatlm.load(path)  # the checkpoint loader explains what is wrong with a folder
-        tok = load_tokenizer(path)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(
-            f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}; "
-            "put the checkpoint's own tokenizer file in its folder"
-        )
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    return model.to(device=device, dtype=dtype), tok
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.file is not None and args.prompt is not None:
-        raise UserError("give either a prompt or --file, not both")
-    if args.file is not None:
-        try:
-            lines = args.file.read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            raise UserError(f"cannot read --file {args.file}: {e.strerror}") from None
-        prompts = [ln for ln in lines if ln.strip()]
-        if not prompts:
-            raise UserError(f"{args.file} has no prompts (one per line expected)")
-    elif args.prompt is None:
-        raise UserError("no prompt: give one as an argument or use --file prompts.txt")
-    else:
-        if not args.prompt.strip():
-            raise UserError("the prompt is empty; give some text to continue")
-        prompts = [args.prompt]
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1; got {args.batch_size}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is available here")
-    model, tok = _load_model_and_tokenizer(args.model, args.arm, device)
-
-    out = sys.stdout
-    streaming = not args.json and args.batch_size == 1
-
-    def on_piece(row: int, piece: str) -> None:
-        out.write(piece)
-        out.flush()
-
-    options = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, think_iters=args.think_iters,
-        halting_threshold=args.halting_threshold, rethink_every=args.rethink_every, refine_steps=args.refine_steps,
-        refine_lr=args.refine_lr, refine_objective=args.refine_objective,
-    )  # fmt: skip
-    results = []
-    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    progress = None
-    if len(batches) > 1 and not streaming:
-        from tqdm import tqdm
-
-        progress = tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr)
-    for batch in batches:
-        if streaming and len(prompts) > 1:
-            out.write(f"### {batch[0]}\n")
-        res = generate(model, tok, batch, stream=on_piece if streaming else None, **options)
-        if streaming:
-            out.write("\n")
-        elif not args.json:
-            for p, text in zip(batch, res.texts):
-                out.write(f"### {p}\n{text}\n" if len(prompts) > 1 else text + "\n")
-        for p, toks, text, st in zip(batch, res.tokens, res.texts, res.stats):
-            results.append({"prompt": p, "text": text, "tokens": toks, "stats": st})
-        if progress is not None:
-            progress.update(len(batch))
-    if progress is not None:
-        progress.close()
-    if args.json:
-        json.dump({"model": args.model, "arm": model.arm, "options": options, "results": results}, out, indent=2)
-        out.write("\n")
-    out.flush()
-    return 0
-
-
 __all__ = [
     "GenerationResult",
     "generate",
     "generate_ids",
-    "add_arguments",
-    "run",
 ]

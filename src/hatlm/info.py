@@ -6,14 +6,12 @@ milliseconds and no memory; for a checkpoint folder only config.json is read.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hatlm.config import ARMS, PRESETS, ModelConfig
+from hatlm.config import PRESETS, ModelConfig
 from hatlm.errors import UserError
 
 BYTES = {"fp32": 4, "bf16": 2}
@@ -95,24 +93,3 @@ def format_table(info: dict[str, Any]) -> str:
     ]
     body = [f"{a:<{width}}{b}" if b else a for a, b in rows]
     return "\n".join(head + body)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source", metavar="PATH_OR_PRESET", help=f"a checkpoint folder or a preset ({', '.join(PRESETS)})"
-    )
-    parser.add_argument("--arm", choices=ARMS, help="count for this arm instead of the configured one")
-    parser.add_argument("--thinker-layers", type=int, metavar="K", help="override the thinker depth K")
-    parser.add_argument("--thought-slots", type=int, metavar="M", help="override the number of thought slots m")
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    overrides = {
-        k: v
-        for k, v in (("arm", args.arm), ("thinker_layers", args.thinker_layers), ("thought_slots", args.thought_slots))
-        if v is not None
-    }
-    info = describe(args.source, **overrides)
-    print(json.dumps(info, indent=2) if args.json else format_table(info))
-    return 0

@@ -12,6 +12,7 @@ plain `nn.Linear`, and the caller builds those copies for one generation call at
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,20 +62,48 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values [B, H_kv, S_max, D]; the entry for position p lives at index p."""
+    """Preallocated keys/values [B, H_kv, S_max, D]; the entry for token position p lives at index p.
 
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device) -> None:
+    With extra positions (thoughts or pause slots, `extra_len` = m) their keys/values live apart in
+    `xk`, `xv` [B, H_kv, m, D]: they are read through the gated extra attention, never as tokens.
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device, extra_len: int = 0):
         super().__init__()
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        xshape = (batch, n_kv_heads, extra_len, head_dim)
+        self.register_buffer("xk", torch.zeros(xshape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("xv", torch.zeros(xshape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, positions: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        # positions [B, T]; k, v [B, H_kv, T, D]. Rows may write at different positions.
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[rows, :, positions] = k.transpose(1, 2)
-        self.v[rows, :, positions] = v.transpose(1, 2)
-        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+    def store(self, k: Tensor, v: Tensor, index: CacheIndex) -> None:
+        """Write a prefill's keys/values k, v [B, H_kv, T, D] where `index` sends each of the T entries."""
+        for target_k, target_v, where in ((self.k, self.v, index.token), (self.xk, self.xv, index.extra)):
+            if where is None:
+                continue
+            b, t = (where >= 0).nonzero(as_tuple=True)
+            target_k[b, :, where[b, t]] = k[b, :, t]
+            target_v[b, :, where[b, t]] = v[b, :, t]
+
+
+@dataclass
+class CacheIndex:
+    """Where each entry of a prefill goes: `token` [B, T] cache index (−1: none), `extra` [B, T] index
+    into the extra positions' cache (−1: none; None when there are no extras)."""
+
+    token: Tensor
+    extra: Tensor | None = None
+
+
+@dataclass
+class ExtraAttention:
+    """The gated attention to extra positions of one decoder pass (see `masks.extra_position_masks`):
+    its mask (SDPA boolean [B, 1, T, S] or FlexAttention block mask) and which queries read extras
+    (`rows` [B, 1, T, 1], 1.0 or 0.0). Each layer scales what it reads per head by its own gate."""
+
+    mask: Any
+    rows: Tensor
 
 
 @dataclass
@@ -118,11 +147,18 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor],
         mask,
         cache: KVCache | None = None,
-        positions: Tensor | None = None,
+        cache_index: CacheIndex | None = None,
         score_bias: Tensor | None = None,
+        extra: ExtraAttention | None = None,
+        gate: Tensor | None = None,
     ) -> Tensor:
         """x [B, T, d] → [B, T, d]. `mask` is a boolean SDPA mask or a FlexAttention block mask;
-        `score_bias` [B, 1, T, S] (optional, SDPA only) is added to the attention scores."""
+        `score_bias` [B, 1, T, S] (optional) is added to the attention scores. With `extra`, the
+        queries also read the extra positions through a second softmax, scaled per head by `gate` [H]:
+        out = attn(tokens) + gate ⊙ attn(extras). A zero gate leaves the token attention exactly as it
+        was (the zero-initialised attention of LLaMA-Adapter, Zhang et al. 2023), which is what makes a
+        hybrid built from a pretrained model start at that model's logits for any number of thoughts.
+        With `cache`, the keys/values are also written there (a prefill)."""
         B, T, _ = x.shape
         # [B, T, H*D] → [B, H, T, D]
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -131,29 +167,35 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            kv_len = mask.shape[-1]
-            k, v = cache.update(positions, k, v, kv_len)
+            cache.store(k, v, cache_index)
+        out = self._attend(q, k, v, mask, score_bias)
+        if extra is not None and gate is not None:
+            read = self._attend(q, k, v, extra.mask, None) * extra.rows
+            out = out + gate.view(1, -1, 1, 1).to(out.dtype) * read
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask, score_bias: Tensor | None) -> Tensor:
         gqa = self.n_kv_heads != self.n_heads
         if isinstance(mask, Tensor):
             attn_mask = mask
             if score_bias is not None:
                 attn_mask = score_bias.masked_fill(~mask, float("-inf")).to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
-        else:
-            from torch.nn.attention.flex_attention import flex_attention
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        from torch.nn.attention.flex_attention import flex_attention
 
-            if score_bias is None:
-                out = flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
-            else:
+        if score_bias is None:
+            return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
 
-                def add_bias(score, b, h, q_idx, kv_idx):
-                    return score + score_bias[b, 0, q_idx, kv_idx]
+        def add_bias(score, b, h, q_idx, kv_idx):
+            return score + score_bias[b, 0, q_idx, kv_idx]
 
-                out = flex_attention(q, k, v, score_mod=add_bias, block_mask=mask, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return flex_attention(q, k, v, score_mod=add_bias, block_mask=mask, enable_gqa=gqa)
 
-    def decode(self, x: Tensor, at: DecodePosition, cache: KVCache, fused_qkv: Tensor | None = None) -> Tensor:
-        """One new position per row: x [B, d] → [B, d], writing its key/value into `cache`."""
+    def decode(
+        self, x: Tensor, at: DecodePosition, cache: KVCache, fused_qkv: Tensor | None = None, gate: Tensor | None = None
+    ) -> Tensor:
+        """One new position per row: x [B, d] → [B, d], writing its key/value into `cache` (and reading
+        the cached extra positions through `gate`, as in `forward`)."""
         B = x.shape[0]
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = _linear(x, fused_qkv, self.q_proj, self.k_proj, self.v_proj)
@@ -173,6 +215,10 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(
             q, cache.k[:, :, at.lo : at.hi], cache.v[:, :, at.lo : at.hi], attn_mask=at.mask
         )
+        if gate is not None and cache.xk.shape[2]:
+            # A new token reads every extra position (thoughts or pause slots) of its row.
+            read = F.scaled_dot_product_attention(q, cache.xk, cache.xv)
+            o = o + gate.view(1, Hkv, H // Hkv, 1).to(o.dtype) * read
         return self.o_proj(o.reshape(B, H * D))
 
 
@@ -204,18 +250,26 @@ class Block(nn.Module):
         rope,
         mask,
         cache: KVCache | None = None,
-        positions: Tensor | None = None,
+        cache_index: CacheIndex | None = None,
         score_bias: Tensor | None = None,
+        extra: ExtraAttention | None = None,
+        gate: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, positions, score_bias)
+        h = self.self_attn(self.input_layernorm(x), rope, mask, cache, cache_index, score_bias, extra, gate)
+        x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def decode(
-        self, x: Tensor, at: DecodePosition, cache: KVCache, fused: tuple[Tensor, Tensor] | None = None
+        self,
+        x: Tensor,
+        at: DecodePosition,
+        cache: KVCache,
+        fused: tuple[Tensor, Tensor] | None = None,
+        gate: Tensor | None = None,
     ) -> Tensor:
         """The same layer for one new position per row (x [B, d]), reading and extending `cache`."""
         fused_qkv, fused_gate_up = fused if fused is not None else (None, None)
-        x = x + self.self_attn.decode(self.input_layernorm(x), at, cache, fused_qkv)
+        x = x + self.self_attn.decode(self.input_layernorm(x), at, cache, fused_qkv, gate)
         return x + self.mlp(self.post_attention_layernorm(x), fused_gate_up)
 
     def fused_weights(self) -> tuple[Tensor, Tensor] | None:

@@ -27,8 +27,15 @@ import torch
 from torch import Tensor, nn
 
 from hatlm.config import ModelConfig
-from hatlm.layers import Block, KVCache, RMSNorm, RotaryEmbedding
-from hatlm.masks import MaskFn, bidirectional_mask, decoder_mask, to_block_mask, to_sdpa_mask
+from hatlm.layers import Block, CacheIndex, ExtraAttention, KVCache, RMSNorm, RotaryEmbedding
+from hatlm.masks import (
+    MaskFn,
+    bidirectional_mask,
+    decoder_mask,
+    extra_position_masks,
+    to_block_mask,
+    to_sdpa_mask,
+)
 from hatlm.thinking import Thinker, ThinkResult, sample_think_iters
 
 __all__ = ["Decoder", "HatLM", "HybridOutput", "KVCache", "RMSNorm", "RotaryEmbedding", "ThinkResult", "Thinker"]
@@ -69,6 +76,13 @@ class HatLM(nn.Module):
         with_slots = self.arm in ("pause", "hybrid")
         self.thought_slots = nn.Parameter(torch.zeros(m, config.hidden_size)) if with_slots else None
         self.thinker = Thinker(config, causal=self.arm == "looped") if self.arm in ("hybrid", "looped") else None
+        # Per decoder layer and head: how much of the gated attention to the extra positions (thoughts
+        # or pause slots) enters the layer's output. Zero at a fresh start, so the decoder begins as
+        # its base model for any number of slots (see layers.Attention.forward).
+        self.thought_gate = None
+        if with_slots:
+            H = config.num_attention_heads
+            self.thought_gate = nn.ParameterList(torch.zeros(H) for _ in range(config.decoder_layers))
         if self.arm == "hybrid":
             self.prompt_refine = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         else:
@@ -98,6 +112,8 @@ class HatLM(nn.Module):
         """Fresh thinking path: random thought slots, zero prompt projection, gate at its init."""
         if self.thought_slots is not None:
             self.thought_slots.normal_(0.0, self.config.initializer_range)
+            for gate in self.thought_gate:
+                gate.fill_(self.config.hybrid.thought_gate_init)
         if self.prompt_refine is not None:
             self.prompt_refine.weight.zero_()
         if self.thinker is not None:
@@ -153,7 +169,7 @@ class HatLM(nn.Module):
 
         backbone = count(self.decoder) + (0 if self.config.tie_word_embeddings else count(self.lm_head))
         thinker = count(self.thinker)
-        other = count(self.thought_slots) + count(self.prompt_refine)
+        other = count(self.thought_slots) + count(self.thought_gate) + count(self.prompt_refine)
         return {"backbone": backbone, "thinker": thinker, "slots_and_gates": other, "total": backbone + thinker + other}
 
     # ------------------------------------------------------------------ masks
@@ -171,14 +187,21 @@ class HatLM(nn.Module):
         positions: Tensor,
         mask,
         caches: list[KVCache] | None = None,
+        cache_index: CacheIndex | None = None,
+        extra: ExtraAttention | None = None,
     ) -> Tensor:
+        """x [B, N, d] through `layers` at RoPE `positions` [B, N]. With `extra`, each layer also reads
+        the extra positions through its row of `thought_gate`; with `caches`, keys/values are stored."""
         rope = self.rope(positions, x.dtype)
         for i, layer in enumerate(layers):
             cache = caches[i] if caches is not None else None
+            gate = self.thought_gate[i] if extra is not None else None
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    layer, x, rope, mask, None, None, None, extra, gate, use_reentrant=False
+                )
             else:
-                x = layer(x, rope, mask, cache, positions)
+                x = layer(x, rope, mask, cache, cache_index, None, extra, gate)
         return x
 
     def logits_from_hidden(self, h: Tensor) -> Tensor:
@@ -288,12 +311,13 @@ class HatLM(nn.Module):
         return ThinkResult(z, z0, prompt_lengths, iterations, final_change, final_kl)
 
     def first_answer_logprobs(self, input_ids: Tensor, think: ThinkResult) -> Tensor:
-        """log p(first answer token) [B, V]: the decoder over [prompt ; thoughts], read at the last
-        thought (the readout whose KL between iterations is the "kl" halting criterion)."""
+        """log p(first answer token) [B, V]: the decoder over [prompt ; thoughts], read where the
+        first answer token is predicted, the last prompt token (which reads the thoughts). It is the
+        readout whose KL between iterations is the "kl" halting criterion."""
         n = think.prompt_lengths
         m = self.config.num_thought_slots
         hid = self.decoder_hidden(input_ids, n, think, n + m)
-        last = (n + m - 1).view(-1, 1, 1).expand(-1, 1, hid.shape[-1])
+        last = (n - 1).view(-1, 1, 1).expand(-1, 1, hid.shape[-1])
         return torch.log_softmax(self.logits_from_hidden(hid.gather(1, last)[:, 0]).float(), dim=-1)
 
     def looped_forward(
@@ -346,23 +370,57 @@ class HatLM(nn.Module):
         refined = torch.where(is_prompt, delta, torch.zeros_like(delta))
         return torch.cat([x[:, :N] + refined, x[:, N:]], dim=1)
 
+    def decoder_pass(
+        self,
+        x: Tensor,
+        prompt_lengths: Tensor | None,
+        seq_lengths: Tensor,
+        caches: list[KVCache] | None = None,
+    ) -> Tensor:
+        """The decoder over x [B, N, d] → hidden states [B, N, d] (before the final norm).
+
+        Without extras (causal arm, or no prompt_lengths) x holds tokens at positions 0..N−1. Otherwise
+        x is laid out [prompt ; m extras ; text] per row (see `layout`): the tokens keep the base
+        model's positions and attention, and the extras are read through the gated extra attention
+        (`masks.extra_position_masks`). Row b has seq_lengths[b] valid entries (extras included). With
+        `caches`, a prefill: token keys/values go to cache index = position, the extras' apart.
+        """
+        B, N, _ = x.shape
+        j = torch.arange(N, device=x.device).expand(B, N)
+        m = self.config.num_thought_slots if prompt_lengths is not None else 0
+        prefix = self.config.hybrid.decoder_prefix == "bidirectional" and prompt_lengths is not None
+        if m == 0:
+            fn = decoder_mask(j, seq_lengths, self.config.sliding_window, prompt_lengths if prefix else None)
+            index = CacheIndex(j) if caches is not None else None
+            return self.run_layers(self.decoder.layers, x, j, self.build_mask(fn, B, N, N), caches, index)
+        n = prompt_lengths[:, None]
+        is_extra = (j >= n) & (j < n + m)
+        positions = torch.where(j >= n + m, j - m, j)  # extras share the numbers of the first text tokens
+        base, extra_fn, has_extra = extra_position_masks(
+            prompt_lengths, m, seq_lengths, self.config.sliding_window, prefix
+        )
+        rows = has_extra(torch.arange(B, device=x.device)[:, None], j).to(x.dtype)[:, None, :, None]  # [B,1,N,1]
+        extra = ExtraAttention(self.build_mask(extra_fn, B, N, N), rows)
+        index = None
+        if caches is not None:
+            index = CacheIndex(torch.where(is_extra, -1, positions), torch.where(is_extra, j - n, -1))
+        return self.run_layers(self.decoder.layers, x, positions, self.build_mask(base, B, N, N), caches, index, extra)
+
+    def token_index(self, prompt_lengths: Tensor, L: int) -> Tensor:
+        """[B, L]: where token t of each row sits in the decoder's [prompt ; m extras ; text] layout."""
+        t = torch.arange(L, device=prompt_lengths.device)[None, :]
+        return torch.where(t < prompt_lengths[:, None], t, t + self.config.num_thought_slots)
+
     def decoder_hidden(
         self, input_ids: Tensor, prompt_lengths: Tensor, think: ThinkResult | None, seq_lengths: Tensor
     ) -> Tensor:
         """The decoder over [prompt (+ refinement) ; thoughts or pause slots ; text] → hidden [B, L+m, d]
-        (before the final norm); row b has seq_lengths[b] valid positions."""
-        x = self.decoder_inputs(input_ids, prompt_lengths, think)
-        B, N, _ = x.shape
-        positions = torch.arange(N, device=x.device).expand(B, N)
-        fn = self.decoder_mask_fn(positions, seq_lengths, prompt_lengths)
-        return self.run_layers(self.decoder.layers, x, positions, self.build_mask(fn, B, N, N))
+        (before the final norm); row b has seq_lengths[b] valid entries."""
+        return self.decoder_pass(self.decoder_inputs(input_ids, prompt_lengths, think), prompt_lengths, seq_lengths)
 
-    def decoder_mask_fn(self, positions: Tensor, kv_lengths: Tensor, prompt_lengths: Tensor | None) -> MaskFn:
-        """The decoder's mask: causal, or bidirectional over prompt+thoughts when configured."""
-        prefix = None
-        if prompt_lengths is not None and self.config.hybrid.decoder_prefix == "bidirectional":
-            prefix = prompt_lengths + self.config.num_thought_slots
-        return decoder_mask(positions, kv_lengths, self.config.sliding_window, prefix)
+    def decoder_mask_fn(self, positions: Tensor, kv_lengths: Tensor) -> MaskFn:
+        """The decoder's token mask for queries at `positions` over cached token keys (decoding)."""
+        return decoder_mask(positions, kv_lengths, self.config.sliding_window)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -409,10 +467,9 @@ class HatLM(nn.Module):
         )
         m = self.config.num_thought_slots
         h = self.decoder_hidden(input_ids, prompt_lengths, think, lengths + m)  # [B, L+m, d]
-        # Back to token positions: t < n−1 reads itself, t ≥ n−1 reads m positions later (the
-        # last prompt token's next-token prediction comes from the last thought).
-        t = torch.arange(L, device=h.device)[None, :]
-        src = torch.where(t < prompt_lengths[:, None] - 1, t, t + m)
+        # Back to token positions (the extras are only read, never read out): token t's hidden state
+        # predicts token t+1, the last prompt token's included — as in the base model.
+        src = self.token_index(prompt_lengths, L)
         h = h.gather(1, src[..., None].expand(B, L, h.shape[-1]))
         logits = self.logits_from_hidden(h)
         if think is None:
@@ -422,8 +479,9 @@ class HatLM(nn.Module):
     # ------------------------------------------------------------------ KV caches
     def setup_caches(self, batch: int, max_len: int) -> list[KVCache]:
         c = self.config
+        m = c.num_thought_slots
         return [
-            KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, self.dtype, self.device)
+            KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, self.dtype, self.device, extra_len=m)
             for _ in self.decoder.layers
         ]
 

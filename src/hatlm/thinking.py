@@ -331,19 +331,20 @@ def refine_objective(
     else:
         raise UserError(f"refine objective must be one of {', '.join(REFINE_OBJECTIVES)}; got {objective!r}")
     h = model.decoder_hidden(seq, n, think, lengths)  # [B, L+m, d]
-    N = h.shape[1]
     if objective == "entropy":
-        last = (n + m - 1).view(B, 1, 1).expand(B, 1, h.shape[-1])
+        # The first answer token is predicted at the last prompt token, which reads the thoughts.
+        last = (n - 1).view(B, 1, 1).expand(B, 1, h.shape[-1])
         logp = F.log_softmax(model.logits_from_hidden(h.gather(1, last)[:, 0]).float(), dim=-1)
         return -(logp.exp() * logp).sum(-1)
-    # Re-read: decoder position n+m−1+i predicts re-read token i+2 (i = 0..n−2), found at seq[n+i].
+    # Re-read: token s of seq (s = n+i, i = 0..n−2, i.e. p_2..p_n again) is predicted at token s−1.
     T = int((n - 1).max())
     if T == 0:
         return torch.zeros(B, device=h.device)
     i = torch.arange(T, device=h.device)[None, :]
     valid = i < (n - 1)[:, None]
-    hpos = (n[:, None] + m - 1 + i).clamp(max=N - 1)
-    tgt = seq.gather(1, (n[:, None] + i).clamp(max=seq.shape[1] - 1))
+    s_idx = (n[:, None] + i).clamp(max=seq.shape[1] - 1)
+    tgt = seq.gather(1, s_idx)
+    hpos = model.token_index(n, seq.shape[1]).gather(1, s_idx - 1)
     hs = h.gather(1, hpos[..., None].expand(B, T, h.shape[-1]))
     logp = F.log_softmax(model.logits_from_hidden(hs).float(), dim=-1)
     nll = -logp.gather(-1, tgt[..., None])[..., 0]
