@@ -1,7 +1,7 @@
 """Lean experiment runner for issue 8 ablations: train arms with hatlm.train.train (in-process, one
 thread), evaluate teacher-forced exact match on every eval level at several test-time T, print and
 append JSON lines. Randomised depth: in training the model is called with think_iters=None so that it
-draws T from `think_iters_train` (train.py passes an explicit T for the hybrid today)."""
+draws T from `think_iters_train` (train.py does this since the issue-8 wiring)."""
 from __future__ import annotations
 
 import argparse
@@ -13,16 +13,10 @@ import time
 import torch
 
 import hatlm.train as tr
+from hatlm.util import resolve_device
 from hatlm.checkpoint import load_model
 
-_orig = tr._forward
-
-
-def _forward(model, batch, device, think_iters, autocast):
-    return _orig(model, batch, device, None if model.training else think_iters, autocast)
-
-
-tr._forward = _forward
+from hatlm.evaluate import teacher_forced
 
 
 def parse_set(items):
@@ -72,16 +66,18 @@ def main():
             t0 = time.time()
             with tempfile.TemporaryDirectory() as d:
                 res = tr.train(cfg, d, progress=False, log=lambda s: None)
-                model = load_model(res["model_dir"]).eval().to(tr.resolve_device(a.device))
-                tok = tr.build_tokenizer(cfg, model.config)
-                _, evals = tr.build_sources(cfg, tok, lambda s: None)
+                model = load_model(res["model_dir"]).eval().to(resolve_device(a.device))
+                from hatlm.loader import load_model_and_tokenizer
+                from hatlm.datasets import build_sources
+                _, tok = load_model_and_tokenizer(res["model_dir"])
+                _, evals = build_sources(cfg, tok, lambda s: None)
                 rec = {"tag": a.tag, "task": a.task, "arm": arm, "seed": seed, "steps": a.steps, "model": model_over,
                        "train": train_over, "params": res["params"]["total"], "loss": round(res["final_loss"], 4),
                        "acc": {}, "stats": model.thinking_stats()}
                 for ev in evals:
                     lvl = ev.name.split("/")[-1]
                     ts = sweep if arm in ("hybrid", "looped") else [None]
-                    rec["acc"][lvl] = {str(t): round(tr.forced_eval(model, ev.rows, tok.pad_id, think_iters=t)
+                    rec["acc"][lvl] = {str(t): round(teacher_forced(model, ev.rows, tok.pad_id, think_iters=t)
                                                      ["accuracy_tf"], 3) for t in ts}
             rec["wall_s"] = round(time.time() - t0, 1)
             line = json.dumps(rec)

@@ -100,7 +100,7 @@ class TrainConfig:
     keep_checkpoints: int = 1
     seed: int = 0  # model init, data order, every RNG
     max_len: int = 256  # tokens per example (prompt + answer); longer ones are reported and dropped
-    think_iters: int | None = None  # thinking iterations while training (None: the model's max_think_iters)
+    think_iters: int | None = None  # T while training (None: a draw from the model's think_iters_train, or its max)
     think_iters_min: int | None = None  # if set, sample the iterations uniformly in [min, think_iters] per step
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
     data_seed: int = 0  # seed of built-in task generation (same data for every training seed)
@@ -369,8 +369,7 @@ def train(
     save_config(cfg, out / CONFIG_FILE)
     metrics = MetricsLog(out, cfg.tensorboard)
     params = model.num_parameters()
-    h = model.config.hybrid
-    max_iters = h.max_think_iters if cfg.think_iters is None else cfg.think_iters
+    thinks = model.thinker is not None  # hybrid and looped: the arms with thinking iterations
 
     def checkpoint_state() -> dict[str, Any]:
         return {"step": step, "elapsed_s": elapsed, "config": cfg.to_dict(), "optimizer": optimizer.state_dict(),
@@ -400,7 +399,9 @@ def train(
             micro = [collate([(r[0], r[1]) for r in rows[j : j + cfg.batch_size]], pad_id)
                      for j in range(0, len(rows), cfg.batch_size)]
             n_target = sum(int(b.target_mask[:, 1:].sum()) for b in micro)
-            iters = max_iters
+            # T for this step: cfg.think_iters, else the model's own choice — a draw from its
+            # `think_iters_train` distribution (torch's RNG, saved in every checkpoint) or max_think_iters.
+            iters = (cfg.think_iters if cfg.think_iters is not None else model.think_iters_for(None)) if thinks else None
             if cfg.think_iters_min is not None:
                 # Sampled from the torch RNG, whose state every checkpoint saves.
                 iters = int(torch.randint(cfg.think_iters_min, cfg.think_iters + 1, ()).item())
@@ -408,7 +409,7 @@ def train(
             loss_total = 0.0
             it_sum, tokens = 0.0, 0
             for batch in micro:
-                ids, out_ = forward_batch(model, batch, device, iters if model.arm == "hybrid" else None, autocast)
+                ids, out_ = forward_batch(model, batch, device, iters, autocast)
                 ls, _, _ = answer_loss(out_.logits, ids, batch.target_mask.to(device))
                 loss = ls / max(n_target, 1)  # mean over all answer tokens of the accumulated batch
                 if loss_hook is not None:
@@ -432,10 +433,10 @@ def train(
             last_loss = loss_total
             rec = {"step": step, "split": "train", "loss": loss_total, "lr": lr_now, "grad_norm": float(grad_norm),
                    "tokens": tokens, "tokens_per_s": tokens / max(dt, 1e-9),
-                   "think_iters": it_sum / len(rows), "elapsed_s": elapsed}
+                   "think_iters": it_sum / len(rows), "elapsed_s": elapsed, **model.thinking_stats()}
             metrics.write(rec)
             post = {"loss": f"{loss_total:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
-            if model.arm == "hybrid":
+            if thinks:
                 post["think"] = f"{rec['think_iters']:.1f}"
             if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
                 eval_results = evaluate(step) if evals else {}
