@@ -45,7 +45,8 @@ def task_files(tmp_path_factory) -> tuple[str, list[str]]:
 def sequential(tmp_path_factory, task_files) -> tuple[Path, dict]:
     train_file, eval_files = task_files
     out = tmp_path_factory.mktemp("seq") / "cmp"
-    res = compare(train_file, eval_files, out, seeds=2, base=BASE, think_sweep=(1, 3), workers=1, progress=False)
+    res = compare(train_file, eval_files, out, seeds=2, base=BASE, think_sweep=(1, 3), workers=1, progress=False,
+                  arms=["causal", "pause", "hybrid"])
     write_report(res, out)
     return out, res
 
@@ -66,13 +67,14 @@ def test_compare_tiny_task_writes_full_report(sequential, task_files):
         if r["arm"] == "hybrid":
             assert set(r["accuracy_by_think_iters"]) == {"1", "3"}
     # Parameter matching: the baselines take the thinker's layer as an extra decoder layer; the
-    # hybrid's extras are the slots, the gate and the zero-initialised prompt projection (d² + d + 2).
+    # hybrid's extras are the slots, the gate and the zero-initialised prompt projection (d² + d + 2),
+    # and the injection and state norms (2d).
     # Pause and hybrid also have one decoder gate per layer and head for reading the extra positions.
     params = {r["arm"]: r["params"] for r in recs}
     d, H = TINY_MODEL["hidden_size"], TINY_MODEL["num_attention_heads"]
     L, K = TINY_MODEL["num_hidden_layers"], TINY_MODEL["thinker_layers"]
     assert params["pause"] - params["causal"] == 2 * d + (L + K) * H  # the pause slots and decoder gates
-    assert params["hybrid"] - params["pause"] == d * d + d + 2 - K * H
+    assert params["hybrid"] - params["pause"] == d * d + d + 2 + 2 * d - K * H
     # Inference FLOPs: the hybrid spends the most (thinking), causal the least.
     flops = {r["arm"]: r["inference_flops_per_example"] for r in recs}
     assert flops["causal"] < flops["pause"] < flops["hybrid"]
@@ -92,7 +94,7 @@ def test_compare_tiny_task_writes_full_report(sequential, task_files):
     md = (out / "results.md").read_text()
     for arm in ("causal", "pause", "hybrid"):
         assert f"| {arm} |" in md
-    assert "chance floor" in md and "## Verdict" in md and "Hybrid with T thinking iterations" in md
+    assert "chance floor" in md and "## Verdict" in md and "With T thinking iterations at test time" in md
     for png in ("learning_curves.png", "think_iters.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
     # Learning curves come from each run's metrics: an eval point at steps 0, 2 and 4.
@@ -113,7 +115,7 @@ def test_parallel_workers_give_the_same_results(tmp_path, sequential, task_files
     train_file, eval_files = task_files
     _, seq = sequential
     par = compare(train_file, eval_files, tmp_path / "par", seeds=2, base=BASE, think_sweep=(1, 3), workers=2,
-                  progress=False)
+                  progress=False, arms=["causal", "pause", "hybrid"])
 
     def key(r):
         return (r["arm"], r["seed"], r["eval_file"], r["accuracy"], r["final_train_loss"],
@@ -204,11 +206,17 @@ def test_demo_end_to_end_in_miniature(tmp_path):
                train_overrides={"model": TINY_MODEL, "eval_every": 1}, workers=1, progress=False, file=buf)
     text = buf.getvalue()
     assert "does thinking help" in text and "A few predictions" in text
-    for arm in ("causal", "pause", "hybrid"):
+    for arm in ("causal", "pause", "hybrid", "looped", "deep"):
         assert arm in text
     assert f"Report: {tmp_path / 'demo' / 'results.md'}" in text
     assert (tmp_path / "demo" / "data" / "train.jsonl").exists()
-    assert len(res["records"]) == 3 * len(res["summary"])
+    assert len(res["records"]) == 5 * len(res["summary"])
+    # the arms that think are swept over test-time T, with the inference FLOPs at each T
+    for e, per_arm in res["summary"].items():
+        for arm in ("hybrid", "looped"):
+            assert set(per_arm[arm]["accuracy_by_think_iters"]) == {"1", "2"}
+            fl = per_arm[arm]["inference_flops_by_think_iters"]
+            assert fl["2"] > fl["1"] > 0
     assert res["config"]["model"] == TINY_MODEL and res["config"]["steps"] == 2
 
 

@@ -241,12 +241,15 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="report folder")
     p.add_argument("--steps", type=int, help="training steps per run")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (default causal,pause,hybrid)")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms (default {','.join(ARMS)})")
     p.add_argument("--config", metavar="FILE", help="YAML training config shared by every run")
     p.add_argument("--preset", metavar="NAME", help="model preset (default tiny-bytes)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key")
     p.add_argument("--think-sweep", default=sweep,
-                   help=f"test-time thinking iterations for the hybrid (default {sweep}; empty: none)")
+                   help=f"test-time thinking iterations for hybrid and looped (default {sweep}; empty: none)")
+    p.add_argument("--halting-threshold", type=float, metavar="EPS",
+                   help="also evaluate hybrid and looped with adaptive depth (up to the largest swept T): "
+                        "accuracy and mean iterations per eval file; the criterion is the model's `halting`")
     p.add_argument("--max-eval", type=int, help="evaluate on at most N examples per eval file")
     p.add_argument("--workers", type=int,
                    help="runs trained at once, each in its own process (default: one per available CPU core)")
@@ -276,6 +279,7 @@ def run_compare(args: argparse.Namespace) -> int:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     res = compare(args.train, args.eval, args.out, steps=args.steps, seeds=args.seeds, arms=arms, base=base,
                   think_sweep=_int_list(args.think_sweep, "--think-sweep"), max_eval_examples=args.max_eval,
+                  halting_threshold=args.halting_threshold,
                   workers=args.workers, threads=args.threads, progress=not args.no_progress)
     write_report(res, args.out)
     print_table(res)

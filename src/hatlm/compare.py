@@ -1,14 +1,18 @@
-"""`hatlm compare`: train the three arms the same way and report whether thinking helps.
+"""`hatlm compare`: train the arms the same way and report whether thinking helps.
 
     hatlm compare --train FILE --eval FILE [--eval FILE ...] --out DIR [--steps N] [--seeds N]
-                  [--arms causal,pause,hybrid] [--config FILE] [--set KEY=VALUE ...]
+                  [--arms causal,pause,hybrid,looped,deep] [--config FILE] [--set KEY=VALUE ...]
+                  [--halting-threshold EPS]
 
-Every arm (DESIGN.md §2: `causal`, `pause`, `hybrid`, parameter-matched by construction in
-`ModelConfig`) is trained by `hatlm.train.train` on the same data, for the same steps, with the
-same seeds and hyper-parameters; only `arm` differs. Each trained model is then evaluated on every
-eval file: greedy exact-match accuracy for prompt/answer data (the `hatlm eval` measure), loss per
-token for plain text. The hybrid is also evaluated with more (and fewer) thinking iterations than
-it was trained with.
+Every arm (DESIGN.md §2: `causal`, `pause`, `hybrid`, `looped`, `deep`, built in `ModelConfig`:
+causal/pause/looped parameter-matched to the hybrid, deep FLOP-matched at the training depth) is
+trained by `hatlm.train.train` on the same data, for the same steps, with the same seeds and
+hyper-parameters; only `arm` differs. Each trained model is then evaluated on every eval file:
+greedy exact-match accuracy for prompt/answer data (the `hatlm eval` measure), loss per token for
+plain text. The arms that think (hybrid, looped) are also evaluated with more (and fewer)
+thinking iterations than they were trained with (accuracy and inference FLOPs per T), and with
+`halting_threshold` at adaptive depth (accuracy and mean iterations per example, per eval file: easy
+vs hard levels).
 
 `compare()` computes and writes the numbers (results.json, predictions.jsonl, runs/);
 `hatlm.reports.write_report` renders them (results.md and the plots), as `hatlm compare` does.
@@ -20,7 +24,7 @@ DIR/
                         wall time, the hybrid's accuracy vs thinking iterations, the chance floor,
                         and a plain statement of who won and whether the CIs separate them
   learning_curves.png   eval accuracy (or loss) against training step per arm, with the chance floor
-  think_iters.png       the hybrid's accuracy against test-time thinking iterations
+  think_iters.png       the hybrid's and the looped arm's accuracy against test-time thinking iterations
   predictions.jsonl     the first greedy predictions of every run on every eval file
   runs/ARM-seedS/       each training run (metrics.jsonl, checkpoints, model); finished runs are
                         reused when compare is run again with the same settings
@@ -120,17 +124,25 @@ def _run_job(job: dict[str, Any], on_step, progress: bool, say: Callable[[str], 
     eval_sets = {e: load_eval_set(e, tokenizer, cfg.max_len, cfg.data_seed, say) for e in job["eval_specs"]}
     src, _ = build_sources(apply_overrides(cfg, {"eval": []}), tokenizer, lambda s: None)
     train_rows = [src.get(i, 0)[:2] for i in range(min(len(src), 2000))]
-    train_it = cfg.think_iters if cfg.think_iters is not None else model.config.hybrid.max_think_iters
-    tf, inf = _flops(model.config, train_rows, train_it if arm == "hybrid" else None)
+    thinks = model.thinker is not None  # hybrid and looped
+    h = model.config.hybrid
+    # The training depth: fixed by the run config, else the mean of the model's think_iters_train
+    # distribution (FLOPs per training example are counted at that mean, rounded).
+    train_it = cfg.think_iters if cfg.think_iters is not None else h.iters_spec().mean
+    tf, inf = _flops(model.config, train_rows, max(1, round(train_it)) if thinks else None)
     params = model.num_parameters()
     run_info = {"arm": arm, "seed": seed, "run_dir": str(run_dir), "wall_time_s": res["wall_time_s"],
                 "final_train_loss": res["final_loss"], "params": params["total"],
-                "think_iters_train": train_it if arm == "hybrid" else None}
+                "think_iters_train": train_it if thinks else None,
+                "think_iters_train_spec": (h.think_iters_train or f"fixed:{h.max_think_iters}") if thinks else None,
+                "thinking_stats": model.thinking_stats()}
     records = []
     for name, ev in eval_sets.items():
         r = evaluate_set(model, tokenizer, ev, think_iters=None, max_examples=job["max_eval_examples"],
                          batch_size=cfg.eval_batch_size)
         rec = {"arm": arm, "seed": seed, "eval_file": name, "metric": r["metric"], r["metric"]: r[r["metric"]]}
+        if thinks and "mean_iterations" in r:
+            rec["mean_iterations"] = r["mean_iterations"]
         # Every metric of the record is on ev's kept examples (the curves on an evenly spaced subset).
         rec["eval_set"] = eval_set_info(ev, r["n"], cfg.eval_max_examples)
         if ev.metric == "accuracy":
@@ -143,13 +155,23 @@ def _run_job(job: dict[str, Any], on_step, progress: bool, say: Callable[[str], 
                     "run_dir": str(run_dir)})
         if len(r.get("per_task", {})) > 1:  # a per-task breakdown only where there are several tasks
             rec["per_task"] = r["per_task"]
-        if arm == "hybrid" and job["think_sweep"]:
-            by_t = {}
+        if thinks and job["think_sweep"]:
+            by_t, flops_t = {}, {}
             for t in job["think_sweep"]:
                 rt = evaluate_set(model, tokenizer, ev, think_iters=t, max_examples=job["max_eval_examples"],
                                   batch_size=cfg.eval_batch_size)
                 by_t[str(t)] = rt[rt["metric"]]
+                flops_t[str(t)] = _flops(model.config, ev.rows, t)[1]
             rec[f"{r['metric']}_by_think_iters"] = by_t
+            rec["inference_flops_by_think_iters"] = flops_t
+        if thinks and job.get("halting_threshold") and r["metric"] == "accuracy":
+            # Adaptive depth: up to the largest swept T, each example stops once its criterion
+            # (hybrid.halting: relative change or readout KL) falls under the threshold.
+            t_max = max(job["think_sweep"] or [h.max_think_iters])
+            rh = evaluate_set(model, tokenizer, ev, think_iters=t_max, max_examples=job["max_eval_examples"],
+                              batch_size=cfg.eval_batch_size, halting_threshold=job["halting_threshold"])
+            rec["halting"] = {"threshold": job["halting_threshold"], "criterion": h.halting, "max_iters": t_max,
+                              "accuracy": rh["accuracy"], "mean_iterations": rh["mean_iterations"]}
         rec["_predictions"] = r.get("predictions", [])[:50]
         records.append(rec)
     return {"run": run_info, "records": records}
@@ -192,6 +214,7 @@ def compare(
     arms: Sequence[str] = ARMS,
     base: TrainConfig | None = None,
     think_sweep: Sequence[int] = DEFAULT_THINK_SWEEP,
+    halting_threshold: float | None = None,
     max_eval_examples: int | None = None,
     workers: int | None = None,
     threads: int = 1,
@@ -244,7 +267,7 @@ def compare(
     jobs = [{"config": apply_overrides(base, {"arm": arm, "seed": seed}, source="compare").to_dict(),
              "run_dir": str(out / "runs" / f"{arm}-seed{seed}"), "eval_specs": list(eval_specs),
              "think_sweep": list(think_sweep), "max_eval_examples": max_eval_examples,
-             "threads": threads}
+             "halting_threshold": halting_threshold, "threads": threads}
             for seed in seed_list for arm in arms]
     t_start = time.perf_counter()
     if workers > 1 and len(jobs) > 1:
@@ -278,6 +301,7 @@ def compare(
         "runs": runs,
         "curves": curves,
         "think_sweep": list(think_sweep),
+        "halting_threshold": halting_threshold,
         "config": base.to_dict(),
         "arms": arms,
         "seeds": seed_list,
@@ -333,7 +357,7 @@ def _run_parallel(jobs: list[dict[str, Any]], workers: int, steps: int, progress
                                  initargs=(q,)) as ex:
             # Longest first (the hybrid thinks, so it is the slowest; causal the fastest): the last
             # runs then finish together instead of one run keeping a single worker busy at the end.
-            cost = {"hybrid": 2, "pause": 1, "causal": 0}
+            cost = {"hybrid": 3, "looped": 3, "deep": 2, "pause": 1, "causal": 0}
             order = sorted(range(len(jobs)), key=lambda i: -cost.get(jobs[i]["config"]["arm"], 0))
             futures = {ex.submit(_worker_job, jobs[i]): i for i in order}
             pending = set(futures)
@@ -378,6 +402,16 @@ def summarize(records: list[dict[str, Any]], arms: list[str], evals: list[str]) 
             key = f"{metric}_by_think_iters"
             if key in rs[0]:
                 s[key] = {t: mean_ci([r[key][t] for r in rs]) for t in rs[0][key]}
+                s["inference_flops_by_think_iters"] = rs[0].get("inference_flops_by_think_iters", {})
+            if "mean_iterations" in rs[0]:
+                s["mean_iterations"] = float(np.mean([r["mean_iterations"] for r in rs]))
+            if "halting" in rs[0]:
+                hs = [r["halting"] for r in rs]
+                s["halting"] = {**{k: hs[0][k] for k in ("threshold", "criterion", "max_iters")},
+                                "accuracy": mean_ci([x["accuracy"] for x in hs]),
+                                "mean_iterations": float(np.mean([x["mean_iterations"] for x in hs]))}
+            if rs[0].get("think_iters") is not None:
+                s["think_iters_train"] = rs[0]["think_iters"]
             out[e][a] = s
     return out
 

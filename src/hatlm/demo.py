@@ -4,10 +4,10 @@
 
 1. generates a built-in reasoning task (no downloads): a training set at easy levels and held-out
    evaluation sets, written as JSONL into DIR/data/;
-2. runs `hatlm compare` on it: the causal, pause and hybrid arms, parameter-matched, same data,
+2. runs `hatlm compare` on it: the five arms (causal, pause, hybrid, looped, deep), same data,
    steps and seeds (3), tiny byte-level models;
-3. prints the table (accuracy with 95% CIs, parameters, FLOPs, the hybrid's accuracy as test-time
-   thinking grows, the chance floor), a few predictions of each arm, and where the report is.
+3. prints the table (accuracy with 95% CIs, parameters, FLOPs, the hybrid's and the looped arm's
+   accuracy as test-time thinking grows, the chance floor), a few predictions of each arm, and where the report is.
 
 The size was calibrated on a 2-core CPU so that the arms visibly leave the chance floor within the
 budget; the learning curves in DIR/learning_curves.png show it (or show that they did not).
@@ -52,7 +52,7 @@ def demo(out_dir: str | Path = "hatlm-demo", *, steps: int | None = None, seeds:
          n_train: int = DEMO_N_TRAIN, n_eval: int = DEMO_N_EVAL, think_sweep=DEMO_THINK_SWEEP,
          train_overrides: dict[str, Any] | None = None, workers: int | None = None, progress: bool = True,
          show: int = 4, file=None) -> dict[str, Any]:
-    """Generate the task, compare the three arms, print the table and examples; returns compare's result."""
+    """Generate the task, compare the five arms, print the table and examples; returns compare's result."""
     from hatlm.compare import compare
     from hatlm.data import write_jsonl
     from hatlm.reports import print_table, write_report

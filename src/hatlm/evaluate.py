@@ -129,8 +129,12 @@ def evaluate_examples(
     think_iters: int | None = None,
     max_new_tokens: int | None = None,
     progress: bool = False,
+    halting_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Greedy exact-match accuracy of `model` on prompt/answer `examples`.
+
+    For arms that think (hybrid, looped) the result also holds "mean_iterations", the thinking
+    iterations used per example (fewer than think_iters where `halting_threshold` stops a row early).
 
     max_new_tokens None → the longest answer in tokens + 2 (room for EOS and one token beyond, so a
     model that runs on past the answer is caught). Returns {"accuracy", "n", "per_task": {task:
@@ -150,6 +154,7 @@ def evaluate_examples(
     # Batch prompts of similar length together (less padding work); results go back in input order.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
     predictions: list[str] = [""] * len(examples)
+    iterations: list[int] = [0] * len(examples)
     was_training = model.training
     model.eval()
     try:
@@ -157,24 +162,29 @@ def evaluate_examples(
             for s in range(0, len(order), batch_size):
                 idx = order[s : s + batch_size]
                 out = generate(model, tokenizer, [examples[i].prompt for i in idx], max_new_tokens=max_new_tokens,
-                               temperature=0.0, think_iters=think_iters)
-                for i, text in zip(idx, out.texts):
+                               temperature=0.0, think_iters=think_iters, halting_threshold=halting_threshold)
+                for i, text, st in zip(idx, out.texts, out.stats):
                     predictions[i] = text
+                    iterations[i] = int(st.get("think_iterations", 0))
                 bar.update(len(idx))
     finally:
         model.train(was_training)
     records = []
-    per_task: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # task → [correct, n]
-    for ex, pred in zip(examples, predictions):
+    per_task: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # task → [correct, n, iterations]
+    for ex, pred, it in zip(examples, predictions, iterations):
         ok = _answer_matches(pred, ex.answer)
-        records.append({"prompt": ex.prompt, "answer": ex.answer, "prediction": pred, "correct": ok, "task": ex.task})
+        records.append({"prompt": ex.prompt, "answer": ex.answer, "prediction": pred, "correct": ok, "task": ex.task,
+                        "iterations": it})
         per_task[ex.task][0] += ok
         per_task[ex.task][1] += 1
+        per_task[ex.task][2] += it
     correct = sum(r["correct"] for r in records)
     return {
         "accuracy": correct / len(records),
         "n": len(records),
-        "per_task": {t: {"accuracy": c / n, "n": n} for t, (c, n) in sorted(per_task.items())},
+        "mean_iterations": sum(iterations) / len(records),
+        "per_task": {t: {"accuracy": c / n, "n": n, "mean_iterations": i / n}
+                     for t, (c, n, i) in sorted(per_task.items())},
         "predictions": records,
     }
 
@@ -189,15 +199,17 @@ def select_examples(ev: EvalSet, max_examples: int | None) -> list[Example]:
 
 
 def evaluate_set(model, tokenizer, ev: EvalSet, *, think_iters: int | None, max_examples: int | None = None,
-                 batch_size: int = 64) -> dict[str, Any]:
-    """Greedy exact-match accuracy (prompt/answer) or loss per token (text) of one model on one set."""
+                 batch_size: int = 64, halting_threshold: float | None = None) -> dict[str, Any]:
+    """Greedy exact-match accuracy (prompt/answer) or loss per token (text) of one model on one set;
+    with accuracy, the mean thinking iterations per example (see `evaluate_examples`)."""
     if ev.examples is None:
         rows = ev.rows[:max_examples] if max_examples else ev.rows
         r = teacher_forced(model, rows, tokenizer.pad_id, batch_size=batch_size, think_iters=think_iters)
         return {"metric": "loss", "loss": r["loss"], "perplexity": r["perplexity"], "n": r["n"], "tokens": r["tokens"]}
     r = evaluate_examples(model, tokenizer, select_examples(ev, max_examples), batch_size=batch_size,
-                          think_iters=think_iters)
+                          think_iters=think_iters, halting_threshold=halting_threshold)
     return {"metric": "accuracy", "accuracy": float(r["accuracy"]), "n": int(r["n"]),
+            "mean_iterations": float(r["mean_iterations"]),
             "per_task": {k: dict(v) for k, v in r["per_task"].items()}, "predictions": r["predictions"]}
 
 

@@ -15,6 +15,10 @@ import numpy as np
 
 from hatlm.util import atomic_write, atomic_write_text
 
+THINKING_ARMS = ("hybrid", "looped")  # the arms with test-time thinking iterations
+ARM_COLORS = {"causal": "tab:blue", "pause": "tab:orange", "hybrid": "tab:green", "looped": "tab:purple",
+              "deep": "tab:brown"}
+
 
 def _fmt_metric(metric: str, m: float, ci: float) -> str:
     if metric == "accuracy":
@@ -74,14 +78,31 @@ def render_markdown(res: dict[str, Any]) -> str:
             lines.append(f"| *chance floor* | {100 * ch['accuracy']:.1f} | {ch['how']} | | | | |")
         lines.append("")
         sweep_key = f"{metric}_by_think_iters"
-        if "hybrid" in per_arm and sweep_key in per_arm["hybrid"]:
-            sw = per_arm["hybrid"][sweep_key]
-            trained = next((r["think_iters_train"] for r in res["runs"] if r["arm"] == "hybrid"), None)
-            lines.append(f"Hybrid with T thinking iterations at test time (trained with T = {trained}):")
+        swept = [a for a in THINKING_ARMS if a in per_arm and sweep_key in per_arm[a]]
+        if swept:
+            ts = list(per_arm[swept[0]][sweep_key])
+            lines.append("With T thinking iterations at test time (hybrid: thinker iterations; looped: loop "
+                         "iterations), inference FLOPs per example at each T:")
             lines.append("")
-            lines.append("| T | " + " | ".join(sw) + " |")
-            lines.append("| --- |" + " ---: |" * len(sw))
-            lines.append(f"| {metric} | " + " | ".join(_fmt_metric(metric, m, ci) for m, ci in sw.values()) + " |")
+            lines.append("| arm (trained T) | " + " | ".join(f"T={t}" for t in ts) + " |")
+            lines.append("| --- |" + " ---: |" * len(ts))
+            for a in swept:
+                sw = per_arm[a][sweep_key]
+                trained = per_arm[a].get("think_iters_train")
+                tr = f"{trained:g}" if isinstance(trained, (int, float)) else "?"
+                lines.append(f"| {a} ({tr}) | " + " | ".join(_fmt_metric(metric, *sw[t]) for t in ts) + " |")
+                fl = per_arm[a].get("inference_flops_by_think_iters", {})
+                if fl:
+                    lines.append(f"| {a} FLOPs/ex | " + " | ".join(_fmt_flops(fl[t]) for t in ts) + " |")
+            lines.append("")
+        halted = [a for a in THINKING_ARMS if a in per_arm and "halting" in per_arm[a]]
+        if halted:
+            hh = per_arm[halted[0]]["halting"]
+            lines.append(f"Adaptive depth (halting: {hh['criterion']} < {hh['threshold']:g}, at most "
+                         f"{hh['max_iters']} iterations): " + "; ".join(
+                             f"{a} {_fmt_metric(metric, *per_arm[a]['halting']['accuracy'])} with "
+                             f"{per_arm[a]['halting']['mean_iterations']:.2f} iterations per example on average"
+                             for a in halted) + ".")
             lines.append("")
         lines.append(_verdict_text(e, res))
         lines.append("")
@@ -171,7 +192,7 @@ def make_plots(res: dict[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"causal": "tab:blue", "pause": "tab:orange", "hybrid": "tab:green"}
+    colors = ARM_COLORS
     evals = list(res["summary"])
     arms = res["arms"]
     paths = []
@@ -208,20 +229,24 @@ def make_plots(res: dict[str, Any], out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     paths.append(_save_fig(fig, out / "learning_curves.png"))
 
-    sweep = [(e, s["hybrid"]) for e, s in res["summary"].items()
-             if "hybrid" in s and f"{s['hybrid']['metric']}_by_think_iters" in s["hybrid"]]
+    sweep = [e for e, s in res["summary"].items()
+             if any(a in s and f"{s[a]['metric']}_by_think_iters" in s[a] for a in THINKING_ARMS)]
     if sweep:
         fig, axes = plt.subplots(1, len(sweep), figsize=(4.2 * len(sweep), 3.4), squeeze=False)
-        for j, (e, h) in enumerate(sweep):
+        for j, e in enumerate(sweep):
             ax = axes[0, j]
-            metric = h["metric"]
+            metric = next(iter(res["summary"][e].values()))["metric"]
             scale = 100 if metric == "accuracy" else 1
-            sw = h[f"{metric}_by_think_iters"]
-            ts = [int(t) for t in sw]
-            ms = np.array([m for m, _ in sw.values()])
-            cis = np.array([0.0 if math.isnan(c) else c for _, c in sw.values()])
-            ax.errorbar(ts, scale * ms, yerr=scale * cis, color=colors["hybrid"], marker="o", capsize=3, label="hybrid")
-            for a in ("causal", "pause"):
+            for a in THINKING_ARMS:
+                h = res["summary"][e].get(a)
+                if not h or f"{metric}_by_think_iters" not in h:
+                    continue
+                sw = h[f"{metric}_by_think_iters"]
+                ts = [int(t) for t in sw]
+                ms = np.array([m for m, _ in sw.values()])
+                cis = np.array([0.0 if math.isnan(c) else c for _, c in sw.values()])
+                ax.errorbar(ts, scale * ms, yerr=scale * cis, color=colors[a], marker="o", capsize=3, label=a)
+            for a in ("causal", "pause", "deep"):
                 if a in res["summary"][e]:
                     ax.axhline(scale * res["summary"][e][a]["mean"], color=colors[a], ls=":", label=a)
             ax.set_xscale("log", base=2)
@@ -275,10 +300,11 @@ def print_table(res: dict[str, Any], file=None) -> None:
         ch = res["chance"].get(e)
         if ch:
             print(f"  {'chance':<8} {100 * ch['accuracy']:>22.1f}", file=file)
-        sw = per_arm.get("hybrid", {}).get(f"{metric}_by_think_iters")
-        if sw:
-            print("  hybrid by test-time thinking iterations: " + ", ".join(
-                f"T={t}: {_fmt_metric(metric, m, ci)}" for t, (m, ci) in sw.items()), file=file)
+        for a in THINKING_ARMS:
+            sw = per_arm.get(a, {}).get(f"{metric}_by_think_iters")
+            if sw:
+                print(f"  {a} by test-time thinking iterations: " + ", ".join(
+                    f"T={t}: {_fmt_metric(metric, m, ci)}" for t, (m, ci) in sw.items()), file=file)
     print("\n" + overall_statement(res), file=file)
 
 

@@ -401,7 +401,9 @@ def train(
             n_target = sum(int(b.target_mask[:, 1:].sum()) for b in micro)
             # T for this step: cfg.think_iters, else the model's own choice — a draw from its
             # `think_iters_train` distribution (torch's RNG, saved in every checkpoint) or max_think_iters.
-            iters = (cfg.think_iters if cfg.think_iters is not None else model.think_iters_for(None)) if thinks else None
+            iters = None
+            if thinks:
+                iters = cfg.think_iters if cfg.think_iters is not None else model.think_iters_for(None)
             if cfg.think_iters_min is not None:
                 # Sampled from the torch RNG, whose state every checkpoint saves.
                 iters = int(torch.randint(cfg.think_iters_min, cfg.think_iters + 1, ()).item())
