@@ -157,6 +157,21 @@ def test_looped_halting_by_change_is_per_row():
     assert out.iterations.tolist() == expected
 
 
+@pytest.mark.parametrize("arm", ["looped", "deep"])
+def test_new_arms_save_and_load_exactly(arm, tmp_path):
+    from hatlm.checkpoint import load_model, save_model
+
+    model = _model(arm, injection="concat", think_iters_train="uniform:2-4")
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m").eval()
+    assert loaded.arm == arm and loaded.config == model.config
+    ids, pl, lengths = _batch()
+    with torch.no_grad():
+        a = model(ids, prompt_lengths=pl, lengths=lengths).logits
+        b = loaded(ids, prompt_lengths=pl, lengths=lengths).logits
+    assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------------------ FLOPs
 
 

@@ -242,9 +242,10 @@ def test_sampled_iterations_stay_in_range_and_are_reproducible(spec, lo, hi, mea
     if spec in ("uniform:2-5", "poisson:3", "lognormal-poisson:4"):
         assert sum(many) / len(many) == pytest.approx(mean, abs=0.15)  # clipping is rare here
     assert parse_iters_spec("", default=4) == ItersSpec("fixed", 4, 4, 4.0)
+    assert parse_iters_spec("poisson", default=4) == ItersSpec("poisson", 1, 12, 4.0)  # mean = max_think_iters
 
 
-@pytest.mark.parametrize("spec", ["poisson", "uniform:5-2", "uniform:0-2", "gauss:3", "poisson:0.5", "fixed:x"])
+@pytest.mark.parametrize("spec", ["poisson:x", "uniform:5-2", "uniform:0-2", "gauss:3", "poisson:0.5", "fixed:x"])
 def test_bad_iteration_specs_are_clear_errors(spec):
     with pytest.raises(ConfigError, match="think_iters_train"):
         make_config(think_iters_train=spec)

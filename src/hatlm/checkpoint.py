@@ -407,6 +407,8 @@ def _describe(config: ModelConfig) -> str:
         extra = f", {config.hybrid.thinker_layers} thinker layers, {config.num_thought_slots} thought slots"
     elif config.arm == "pause":
         extra = f", {config.num_thought_slots} pause slots"
+    elif config.arm == "looped":
+        extra = f", a {config.hybrid.thinker_layers}-layer loop (T = {config.hybrid.max_think_iters} at test time)"
     return (
         f"{config.arm} arm: {config.decoder_layers} decoder layers, hidden {config.hidden_size}, "
         f"intermediate {config.intermediate_size}, {config.num_attention_heads} heads / "

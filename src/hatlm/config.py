@@ -28,7 +28,8 @@ class ItersSpec:
 
         "" or "fixed:T"         always T ("" means max_think_iters)
         "uniform:LO-HI"         uniform on the integers LO..HI
-        "poisson:MEAN[-MAX]"    1 + Poisson(MEAN − 1), clipped to MAX (default 3·MEAN)
+        "poisson:MEAN[-MAX]"    1 + Poisson(MEAN − 1), clipped to MAX (default 3·MEAN); "poisson"
+                                alone: MEAN = max_think_iters (the test-time default is the mean)
         "lognormal-poisson:MEAN[-MAX]"  Huginn (Geiping et al. 2025): 1 + Poisson(λ), λ ~ LogNormal
                                 with E[λ] = MEAN − 1 and σ = 0.5, clipped to MAX (default 3·MEAN)
     """
@@ -49,6 +50,8 @@ def parse_iters_spec(spec: str, default: int) -> ItersSpec:
         f"think_iters_train {spec!r} is not a valid spec; use 'fixed:T', 'uniform:LO-HI', 'poisson:MEAN[-MAX]' "
         "or 'lognormal-poisson:MEAN[-MAX]'"
     )
+    if kind in ("poisson", "lognormal-poisson") and not arg:
+        arg = str(default)
     if kind not in ITERS_KINDS or not arg:
         raise bad
     try:

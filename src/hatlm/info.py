@@ -44,7 +44,7 @@ def describe(source: str | Path, **overrides: Any) -> dict[str, Any]:
         "arm": config.arm,
         "config": {
             "decoder_layers": config.decoder_layers,
-            "thinker_layers": config.hybrid.thinker_layers if config.arm == "hybrid" else 0,
+            "thinker_layers": config.hybrid.thinker_layers if config.arm in ("hybrid", "looped") else 0,
             "thought_slots": config.num_thought_slots,
             "hidden_size": config.hidden_size,
             "intermediate_size": config.intermediate_size,
