@@ -212,7 +212,7 @@ def test_demo_end_to_end_in_miniature(tmp_path):
     assert (tmp_path / "demo" / "data" / "train.jsonl").exists()
     assert len(res["records"]) == 5 * len(res["summary"])
     # the arms that think are swept over test-time T, with the inference FLOPs at each T
-    for e, per_arm in res["summary"].items():
+    for per_arm in res["summary"].values():
         for arm in ("hybrid", "looped"):
             assert set(per_arm[arm]["accuracy_by_think_iters"]) == {"1", "2"}
             fl = per_arm[arm]["inference_flops_by_think_iters"]
