@@ -1,6 +1,6 @@
 #!/bin/bash
 # Device grid: every line of $1 (exp.py arguments) runs as its own process on the GPU, all at once.
-# usage: bash notes/dev.sh GRIDFILE TIMEOUT_S
+# usage (from the repo root of a checkout that has notes/exp.py): bash notes/dev.sh notes/grid2.txt 540
 git log --oneline -1; git branch --show-current 2>/dev/null; nvidia-smi -L; python3 -c "import torch; print(torch.__version__)"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 mkdir -p $OUT

@@ -74,8 +74,17 @@ def main():
                 rec = {"tag": a.tag, "task": a.task, "arm": arm, "seed": seed, "steps": a.steps, "model": model_over,
                        "train": train_over, "params": res["params"]["total"], "loss": round(res["final_loss"], 4),
                        "acc": {}, "stats": model.thinking_stats()}
+                rec["change"] = {}
                 for ev in evals:
                     lvl = ev.name.split("/")[-1]
+                    if arm in ("hybrid", "looped"):
+                        from hatlm.data import collate
+                        b = collate(list(ev.rows[:128]), tok.pad_id)
+                        with torch.no_grad():
+                            rec["change"][lvl] = {str(t): float(model(b.input_ids, prompt_lengths=b.prompt_lengths,
+                                                                    lengths=b.lengths, think_iters=t,
+                                                                    halting_threshold=0.0).final_change.mean())
+                                                  for t in sweep}
                     ts = sweep if arm in ("hybrid", "looped") else [None]
                     rec["acc"][lvl] = {str(t): round(teacher_forced(model, ev.rows, tok.pad_id, think_iters=t)
                                                      ["accuracy_tf"], 3) for t in ts}
