@@ -60,14 +60,35 @@ def trained(request):
 def test_exact_match_right_and_wrong(trained):
     r = evaluate_examples(trained, TOK, TRAIN, batch_size=2)
     assert r["accuracy"] == 1.0 and r["n"] == 2
-    assert r["per_task"] == {"t1": {"accuracy": 1.0, "n": 1}, "t2": {"accuracy": 1.0, "n": 1}}
+    T = trained.config.hybrid.max_think_iters if trained.arm == "hybrid" else 0  # iterations per example
+    assert r["per_task"] == {"t1": {"accuracy": 1.0, "n": 1, "mean_iterations": T},
+                             "t2": {"accuracy": 1.0, "n": 1, "mean_iterations": T}}
+    assert r["mean_iterations"] == T
     assert [p["prediction"] for p in r["predictions"]] == ["x", "yz"]
     # the same prompts with other answers are all wrong; whitespace around an answer does not matter
     wrong = [Example("ab?", "yz", "t1"), Example("cd?", "x", "t1"), Example("ab?", " x\n", "t3")]
     r = evaluate_examples(trained, TOK, wrong, batch_size=1)
-    assert r["accuracy"] == pytest.approx(1 / 3) and r["per_task"]["t1"] == {"accuracy": 0.0, "n": 2}
+    assert r["accuracy"] == pytest.approx(1 / 3)
+    assert r["per_task"]["t1"] == {"accuracy": 0.0, "n": 2, "mean_iterations": T}
     assert [p["correct"] for p in r["predictions"]] == [False, False, True]
     assert trained.training is False
+
+
+def test_halting_reports_the_iterations_each_example_used():
+    model = trained_model("hybrid")
+    exs = TRAIN + [Example("zz?", "q", "t3")]
+    with torch.no_grad():
+        ids = [TOK.encode(e.prompt) for e in exs]
+        # each prompt alone: the iterations its own halting decision takes (an independent count)
+        alone = [int(model.think(torch.tensor([i]), torch.tensor([len(i)]), think_iters=6,
+                                 halting_threshold=0.05).iterations[0]) for i in ids]
+    assert 1 < min(alone) < 6 and len(set(alone)) > 1  # rows halt at different depths, before the cap
+    r = evaluate_examples(model, TOK, exs, batch_size=3, think_iters=6, halting_threshold=0.05)
+    assert [p["iterations"] for p in r["predictions"]] == alone
+    assert r["mean_iterations"] == pytest.approx(sum(alone) / len(alone))
+    assert r["per_task"]["t3"]["mean_iterations"] == alone[-1]
+    full = evaluate_examples(model, TOK, exs, batch_size=3, think_iters=6)
+    assert full["mean_iterations"] == 6
 
 
 def test_predictions_are_greedy_generation(trained):
