@@ -13,11 +13,11 @@ one more attention hop to find the query).
 
 Families where depth is the bottleneck (issue 8: iterations should help, and extrapolate to harder levels):
 
-    parity    "1011001"         → "0"   difficulty = bits; answer = parity of the ones (a prefix-sum
+    parity    "1011001="        → "0"   difficulty = bits; answer = parity of the ones (a prefix-sum
                                         scan); train 2–12 bits, test 2–4× longer (24–48). Chance 1/2.
     pointer   "ab bd ca dc >>>c" → "d"  difficulty = hops through a fixed 6-entry shuffled pointer table
                                         (a random permutation); train ≤ 3 hops, test up to 6. Chance 1/6.
-    binding   "b=a d=7 a=3 c=b c" → "3" difficulty = hops from the queried variable to its digit (0 = bound
+    binding   "b=a d=7 a=3 c=b ?c" → "3" difficulty = hops from the queried variable to its digit (0 = bound
                                         directly), with two distractor chains; train 0–2 hops (the 0-hop
                                         level is the curriculum's first step), test 3–4. Chance 1/3.
 
@@ -108,9 +108,10 @@ def gen_chain(rng: random.Random, d: int) -> tuple[str, str, set[str]]:
 
 
 def gen_parity(rng: random.Random, d: int) -> tuple[str, str, set[str]]:
-    """d random bits; the answer is their parity ("1" for an odd number of ones)."""
+    """d random bits and "="; the answer is their parity ("1" for an odd number of ones). The "="
+    marks the end of the bits: without it a causal reader cannot tell the last bit from the answer."""
     bits = "".join(rng.choice("01") for _ in range(d))
-    return bits, str(bits.count("1") % 2), {"0", "1"}
+    return bits + "=", str(bits.count("1") % 2), {"0", "1"}
 
 
 POINTER_NODES = 6
@@ -138,7 +139,8 @@ def gen_pointer(rng: random.Random, d: int) -> tuple[str, str, set[str]]:
 def gen_binding(rng: random.Random, d: int) -> tuple[str, str, set[str]]:
     """Variable binding: a chain v0=digit, v1=v0, …, vd=v(d−1) and two distractor chains (0..d links,
     other digits), all statements shuffled; the query names vd. d = 0 asks for a directly bound
-    variable (the hop curriculum's first level)."""
+    variable (the hop curriculum's first level). The query is "?x": a bare "x" at the end would read,
+    to a causal reader, like the start of one more statement "x=…"."""
     n_dis = 2
     lengths = [d] + [rng.randint(0, max(d, 1)) for _ in range(n_dis)]
     names = rng.sample(LETTERS, sum(n + 1 for n in lengths))
@@ -153,7 +155,7 @@ def gen_binding(rng: random.Random, d: int) -> tuple[str, str, set[str]]:
         if c == 0:
             query = chain[-1]
     rng.shuffle(stmts)
-    return " ".join(stmts) + f" {query}", digits[0], set(digits)
+    return " ".join(stmts) + f" ?{query}", digits[0], set(digits)
 
 
 @dataclass(frozen=True)
@@ -352,6 +354,7 @@ def solve(prompt: str, name: str) -> str:
         return str(prompt.count("1") % 2)
     if name == "binding":
         *stmts, q = prompt.split(" ")
+        q = q.lstrip("?")
         bound = dict(st.split("=") for st in stmts)
         while q in bound:
             q = bound[q]
