@@ -14,6 +14,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("hatlm.evaluate", "evaluate a checkpoint on a data file"),
     "compare": ("hatlm.compare", "train and compare the causal, pause and hybrid arms"),
     "generate": ("hatlm.generate", "generate text from a checkpoint or preset"),
+    "serve": ("hatlm.serve", "OpenAI-compatible HTTP server (FastAPI + uvicorn)"),
+    "lm-eval": ("hatlm.harness", "run lm-evaluation-harness tasks on a checkpoint"),
+    "show": ("hatlm.show", "HTML page + PNGs of what the thinker does on a prompt"),
 }
 
 
