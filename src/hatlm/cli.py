@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("hatlm.compare", "train and compare the causal, pause and hybrid arms"),
     "generate": ("hatlm.generate", "generate text from a checkpoint or preset"),
     "serve": ("hatlm.serve", "OpenAI-compatible HTTP server (FastAPI + uvicorn)"),
-    "lm-eval": ("hatlm.harness", "run lm-evaluation-harness tasks on a checkpoint"),
+    "lm-eval": ("hatlm.harness_cli", "run lm-evaluation-harness tasks on a checkpoint"),
     "show": ("hatlm.show", "HTML page + PNGs of what the thinker does on a prompt"),
 }
 
