@@ -20,6 +20,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from hatlm.checkpoint import save_model  # noqa: E402
 from hatlm.cli import main as cli_main  # noqa: E402
 from hatlm.config import ModelConfig  # noqa: E402
+from hatlm.errors import UserError  # noqa: E402
 from hatlm.generate import generate  # noqa: E402
 from hatlm.harness import HatLMEval  # noqa: E402
 from hatlm.model import HatLM  # noqa: E402
@@ -195,3 +196,17 @@ def test_cli_errors_are_user_errors(ckpt, tmp_path, capsys):
     rc = cli_main(["lm-eval", "--model-args", f"pretrained={ckpt}", "--tasks", "no_such_task",
                    "--include-path", str(tasks), "--no-default-tasks"])  # fmt: skip
     assert rc == 2 and "unknown lm-eval task" in capsys.readouterr().err
+
+
+def test_task_examples_for_compare(tmp_path):
+    from hatlm.harness import task_examples
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _write_tasks(tasks, tmp_path / "hf-cache")
+    mc = task_examples("hat_mc", include_path=str(tasks), include_defaults=False)
+    assert [(e.prompt, e.answer) for e in mc] == [(d["question"], d["choices"][d["answer"]].strip()) for d in MC]
+    gen = task_examples("hat_gen", include_path=str(tasks), include_defaults=False, limit=1)
+    assert [(e.prompt, e.answer, e.task) for e in gen] == [(GEN[0]["q"], "2", "lm-eval/hat_gen")]
+    with pytest.raises(UserError, match="loglikelihood_rolling"):
+        task_examples("hat_roll", include_path=str(tasks), include_defaults=False)

@@ -264,4 +264,39 @@ def evaluate(
     return results
 
 
-__all__ = ["HatLMEval", "evaluate"]
+
+
+
+def task_examples(task: str, include_path: str | None = None, limit: int | None = None,
+                  include_defaults: bool = True) -> list[Any]:  # fmt: skip
+    """An lm-eval task's documents as hatlm prompt/answer `Example`s (for `hatlm eval` / `hatlm compare`).
+
+    Zero-shot: prompt = the task's doc_to_text; answer = the correct choice (multiple_choice, its
+    leading target delimiter removed) or doc_to_target (generate_until); task = "lm-eval/<name>".
+    Loglikelihood-only tasks (rolling perplexity, plain loglikelihood) have no prompt/answer form.
+    """
+    from lm_eval.tasks import TaskManager
+
+    from hatlm.data import Example
+
+    manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
+    if task not in manager.all_tasks:
+        raise UserError(f"unknown lm-eval task {task!r}" + ("" if include_path else " (local tasks need include_path)"))
+    obj = manager.load([task])["tasks"][task]
+    kind = obj.OUTPUT_TYPE
+    if kind not in ("multiple_choice", "generate_until"):
+        raise UserError(f"lm-eval task {task!r} is {kind}: only multiple_choice and generate_until have answers")
+    out = []
+    for i, doc in enumerate(obj.eval_docs):
+        if limit is not None and i >= limit:
+            break
+        prompt = obj.doc_to_text(doc)
+        target = obj.doc_to_target(doc)
+        if kind == "multiple_choice":
+            choices = obj.doc_to_choice(doc)
+            answer = choices[target] if isinstance(target, int) else str(target)
+        else:
+            answer = target[0] if isinstance(target, list) else str(target)
+        out.append(Example(prompt=str(prompt), answer=str(answer).strip(), task=f"lm-eval/{task}"))
+    return out
+__all__ = ["HatLMEval", "evaluate", "task_examples"]
