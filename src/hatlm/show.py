@@ -65,7 +65,8 @@ def token_label(tok: Any, i: int) -> str:
     if i == tok.eos_id:
         return "</s>"
     sp = getattr(tok, "sp", None)
-    s = sp.id_to_piece(i).replace("\u2581", "\u00b7") if sp is not None else tok.decode([i])
+    # Spaces made visible: SentencePiece's word-start mark as a middle dot, a byte space as an open box.
+    s = sp.id_to_piece(i).replace("\u2581", "\u00b7") if sp is not None else tok.decode([i]).replace(" ", "\u2423")
     if not s or "\ufffd" in s or not s.isprintable():
         s = s.encode("unicode_escape").decode("ascii") if s and "\ufffd" not in s else f"<{i}>"
     return s
