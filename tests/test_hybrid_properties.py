@@ -142,7 +142,10 @@ def test_sequence_alone_equals_its_row_in_a_padded_batch(arm, backend):
             worst = max(worst, (alone.logits[0] - out.logits[b, :n]).abs().max().item())
             assert alone.iterations.tolist() == out.iterations[b : b + 1].tolist()
     print(f"max|alone - row of padded batch| arm={arm} backend={backend}: {worst:.3g}")
-    assert worst <= 1e-5
+    # Padding changes only the order of float32 sums. The hybrid amplifies that through its thinking
+    # iterations (logits O(1) here): 2.6e-6 on one CPU, 1.1e-5 on another, so it gets 3e-5. A wrong mask
+    # or a pad position leaking in moves logits by > 1e-2.
+    assert worst <= (3e-5 if arm == "hybrid" else 1e-5)
 
 
 # ------------------------------------------------------------------------------ iterations and halting
