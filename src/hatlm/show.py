@@ -72,9 +72,13 @@ def token_label(tok: Any, i: int) -> str:
     return s
 
 
-def attention_probs(attn: Any, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
-    """softmax(q kᵀ/√d + mask) of an Attention module for its input x [B, T, d] → [B, H, T, T]."""
-    from hatlm.model import apply_rope
+def attention_probs(attn: Any, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor,
+                    score_bias: Tensor | None = None) -> Tensor:  # fmt: skip
+    """softmax(q kᵀ/√d + bias + mask) of an Attention module for its input x [B, T, d] → [B, H, T, T]."""
+    try:
+        from hatlm.layers import apply_rope
+    except ImportError:  # before the layers/model split
+        from hatlm.model import apply_rope
 
     B, T, _ = x.shape
     q = attn.q_proj(x).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
@@ -83,6 +87,8 @@ def attention_probs(attn: Any, x: Tensor, rope: tuple[Tensor, Tensor], mask: Ten
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)  # GQA: each query head's KV group
     scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(attn.head_dim)
+    if score_bias is not None:
+        scores = scores + score_bias.float()
     if mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
     else:
@@ -106,7 +112,8 @@ def trace_thinking(model: Any, tok: Any, prompt_ids: list[int], think_iters: int
 
     def pre_attn(mod, args):
         x, rope, mask = args[0], args[1], args[2]
-        current["attn"].append(attention_probs(mod, x, rope, mask)[0].cpu())
+        bias = args[5] if len(args) > 5 else None
+        current["attn"].append(attention_probs(mod, x, rope, mask, bias)[0].cpu())
 
     def gate_out(mod, args, out):
         current["gate"].append(torch.sigmoid(out.float())[0, :, 0].cpu())
