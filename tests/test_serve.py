@@ -325,3 +325,17 @@ def test_queued_requests_are_decoded_as_one_batch(mistral_server):
     for req, r in zip(greedy, results):
         ids = srv.server.tokenizer.encode(req["prompt"], bos=True)
         assert r.choices[0].text == _direct(srv, ids, req["max_tokens"], temperature=0.0)
+
+
+def test_several_prompts_and_choices_with_seeds(mistral_server):
+    """A list of prompts × n choices: choice i of a prompt is sampled with seed + i, as if sent alone."""
+    srv, c = mistral_server, mistral_server.client()
+    assert c.models.retrieve(srv.model_id).id == srv.model_id
+    prompts = ["Once upon a time", "In a galaxy"]
+    r = c.completions.create(model=srv.model_id, prompt=prompts, n=2, max_tokens=5, temperature=1.0, seed=7)
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    for k, ch in enumerate(r.choices):
+        ids = srv.server.tokenizer.encode(prompts[k // 2], bos=True)
+        assert ch.text == _direct(srv, ids, 5, temperature=1.0, seed=7 + k % 2)
+    assert r.usage.prompt_tokens == sum(len(srv.server.tokenizer.encode(p, bos=True)) for p in prompts)
+    assert r.choices[0].text != r.choices[1].text or r.choices[2].text != r.choices[3].text  # seeds differ
