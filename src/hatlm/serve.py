@@ -16,6 +16,9 @@ still queued is dropped; one that is already decoding finishes and its output is
 
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} with 4xx for bad requests
 (bad JSON, unknown model, out-of-range values, prompt too long); the server keeps serving.
+
+Length: ~600 lines in one module on purpose — the engine, the request validation and the HTTP
+handlers share the OpenAI request/response shapes, and reading them together is the point.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (`Request`)
