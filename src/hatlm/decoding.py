@@ -19,6 +19,7 @@ Two kinds of step, one layer definition:
 from __future__ import annotations
 
 import contextlib
+import types
 from collections import OrderedDict
 
 import torch
@@ -155,7 +156,13 @@ class DecodeState:
                 torch._dynamo.mark_static_address(buf)
         cuda = self.device.type == "cuda"
         mode = "reduce-overhead" if cuda else "default"
-        self._run = torch.compile(self.static_step, mode=mode, fullgraph=True, dynamic=False)
+        # torch.compile keeps its compiled graphs on the function's code object, at most
+        # `recompile_limit` (8) per code object: every state (another model, batch or length) would be
+        # one more entry, and past the limit the step silently runs uncompiled. A copy of the code
+        # object per state gives each state its own entry (and one guard check per call).
+        fn = DecodeState.static_step
+        own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        self._run = torch.compile(types.MethodType(own, self), mode=mode, fullgraph=True, dynamic=False)
         self._compiled, self._graphs = True, cuda
         return self
 
