@@ -154,6 +154,8 @@ class DecodeState:
             for buf in (cache.k, cache.v, cache.xk, cache.xv):
                 # The step writes these in place: fixed addresses let CUDA graphs replay the writes.
                 torch._dynamo.mark_static_address(buf)
+        for table in (self.cos, self.sin):  # read every step: no copy into the graph's inputs
+            torch._dynamo.mark_static_address(table)
         cuda = self.device.type == "cuda"
         mode = "reduce-overhead" if cuda else "default"
         # torch.compile keeps its compiled graphs on the function's code object, at most
