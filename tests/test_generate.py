@@ -602,11 +602,15 @@ def test_cli_compile_flag_uses_the_compiled_static_step(capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_torch_compiled_decode_equals_eager_decode():
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
+)
+def test_torch_compiled_decode_equals_eager_decode(device):
     """torch.compile (inductor on the CPU; CUDA graphs on a GPU) of the static step: the same tokens
     and logits as the eager step, batch of different lengths, sliding window, re-think; the second
     call reuses the compiled graph."""
-    model = _model("hybrid", sliding_window=5)
+    model = _model("hybrid", sliding_window=5).to(device)
     eager = generate(model, None, PROMPTS, 10, ignore_eos=True, output_logits=True, rethink_every=4)
     res = generate(model, None, PROMPTS, 10, ignore_eos=True, output_logits=True, rethink_every=4, compile=True)
     (state,) = model.__dict__["_hatlm_static_decode"].values()
