@@ -332,13 +332,23 @@ def test_refinement_lowers_its_objective_and_leaks_no_autograd_state(trained, ob
     assert generate(model, tok, prompts, 2).stats[0]["refine_before"] is None
 
 
+def _decoded(model: HatLM, ids: torch.Tensor, n: int, think) -> torch.Tensor:
+    """Logits [L − n, V] predicting tokens n.. of the single row `ids` [1, L], by one uncached decoder pass
+    over [prompt (+ refinement) ; the thoughts of `think` ; text]."""
+    m, L = model.config.num_thought_slots, ids.shape[1]
+    nt = torch.tensor([n])
+    h = model.decoder_hidden(ids, nt, think, torch.tensor([L + m]))
+    h = h.gather(1, model.token_index(nt, L)[..., None].expand(1, L, h.shape[-1]))
+    return model.logits_from_hidden(h)[0, n - 1 : L - 1]
+
+
 def test_refined_thoughts_are_the_thoughts_decoded():
     """generate(refine_steps=G) decodes from the refined thoughts: its logits equal a full (uncached)
     decoder pass over [prompt (+ refinement) ; refined thoughts ; generated text] and differ from the
     same pass over the unrefined thoughts and from refine_steps=0. Thoughts reach the decoder only
     through its thought gates, so they are opened (conftest.as_if_trained)."""
     model = as_if_trained(HatLM(make_config(arm="hybrid", max_think_iters=2)).eval())
-    m, G, lr = model.config.num_thought_slots, 3, 0.3
+    G, lr = 3, 0.3
     for p in PROMPTS:
         res = generate(model, None, [p], 5, refine_steps=G, refine_lr=lr, ignore_eos=True, output_logits=True)
         plain = generate(model, None, [p], 5, ignore_eos=True, output_logits=True)
@@ -349,13 +359,7 @@ def test_refined_thoughts_are_the_thoughts_decoded():
             refined, before, after = thinking.refine_thoughts(model, ids[:, : len(p)], n, think, G, lr, "entropy")
             assert float(after[0]) < float(before[0])  # refinement moved the thoughts
 
-            def decoded(th):
-                h = model.decoder_hidden(ids, n, th, torch.tensor([ids.shape[1] + m]))
-                src = model.token_index(n, ids.shape[1])
-                h = h.gather(1, src[..., None].expand(1, ids.shape[1], h.shape[-1]))
-                return model.logits_from_hidden(h)[0, len(p) - 1 : len(p) - 1 + len(toks)]
-
-            want, unrefined = decoded(refined), decoded(think)
+            want, unrefined = (_decoded(model, ids, len(p), th) for th in (refined, think))
         torch.testing.assert_close(res.logits[0], want, atol=1e-5, rtol=0)
         assert (res.logits[0] - unrefined).abs().max() > 1e-3
         assert (res.logits[0][0] - plain.logits[0][0]).abs().max() > 1e-3

@@ -21,7 +21,15 @@ from hatlm.cli import train_config_from_args as config_from_args
 from hatlm.data import Example, write_jsonl
 from hatlm.errors import ConfigError, UserError
 from hatlm.tasks import make_split
-from hatlm.train import KILL_AT_STEP_ENV, TrainConfig, TrainingDiverged, apply_overrides, load_config, make_scheduler, train
+from hatlm.train import (
+    KILL_AT_STEP_ENV,
+    TrainConfig,
+    TrainingDiverged,
+    apply_overrides,
+    load_config,
+    make_scheduler,
+    train,
+)
 from hatlm.trainstate import latest_checkpoint, read_metrics
 
 # A tiny hybrid that exercises everything resume has to restore: AdamW moments, the LR schedule,
