@@ -50,6 +50,7 @@ def sequential(tmp_path_factory, task_files) -> tuple[Path, dict]:
     return out, res
 
 
+@pytest.mark.slow
 def test_compare_tiny_task_writes_full_report(sequential, task_files):
     train_file, eval_files = task_files
     out, res = sequential
@@ -109,6 +110,7 @@ def test_compare_tiny_task_writes_full_report(sequential, task_files):
     assert again["records"][0]["wall_time_s"] == first["wall_time_s"]
 
 
+@pytest.mark.slow
 def test_parallel_workers_give_the_same_results(tmp_path, sequential, task_files):
     """Runs trained in two worker processes equal the same runs trained one after another."""
     train_file, eval_files = task_files

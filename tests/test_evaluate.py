@@ -42,6 +42,9 @@ def memorise(model: hatlm.HatLM, examples: list[Example], max_steps: int = 300) 
         opt.zero_grad()
         loss.backward()
         opt.step()
+    # The oracle for every greedy text these tests expect: a mean answer loss under 0.02 over these
+    # ≤ 5 answer tokens (EOS included) puts each token's probability above e^-0.1 > 1/2, so it is the
+    # argmax, and greedy decoding reproduces the answers exactly.
     assert loss.item() < 0.02
     return model.eval()
 

@@ -88,6 +88,7 @@ def test_unfused_projection_path_matches(monkeypatch):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_backend_prefill_matches_sdpa():
     model = _model("hybrid")

@@ -157,6 +157,7 @@ def _write_tasks(folder, cache) -> None:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_runs_local_tasks_offline(ckpt, lm, tmp_path, capsys):
     tasks = tmp_path / "tasks"
     tasks.mkdir()

@@ -124,6 +124,7 @@ d.textContent=errs.join(' | ');document.body.appendChild(d);});})();
 </script>"""
 
 
+@pytest.mark.slow
 def test_page_renders_in_headless_chromium(model, tmp_path):
     browser = _chromium()
     if browser is None:

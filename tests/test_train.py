@@ -79,6 +79,7 @@ def _curve(out: Path) -> list[tuple]:
             for r in read_metrics(out)]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_exact(tmp_path, data_files):
     """A real `hatlm train` process SIGKILLed mid-run and resumed ends bit-identical to an
     uninterrupted run: same final weights, same loss curve (train and eval records)."""
