@@ -223,6 +223,10 @@ def test_repetition_penalty_equals_the_penalty_written_out():
             assert t == int(_penalised(raw, set(p) | set(toks[:i]), pen).argmax())
             changed += t != int(raw.argmax())
     assert changed > 0  # the penalty did change some choices
+    # A seen token with a negative logit is pushed further down (−1 · 3 < −1.2), not up (−1 / 3).
+    logits = torch.tensor([[-1.0, -1.2, -5.0]])
+    seen = torch.tensor([[True, False, False]])
+    assert int(gen_mod._select(logits, seen, 0.0, None, None, pen, None)) == 1
 
 
 def test_halting_threshold_in_generate_is_thinks_halting():
