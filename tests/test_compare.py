@@ -201,7 +201,7 @@ def test_summary_and_verdict_on_records_with_known_values():
     sweep = [{"1": 0.25, "4": 0.5}, {"1": 0.35, "4": 0.7}, {"1": 0.45, "4": 0.9}]
     recs = ([_record("causal", s, "e", v) for s, v in enumerate([0.30, 0.40, 0.35])]
             + [_record("hybrid", s, "e", v, accuracy_by_think_iters=sweep[s]) for s, v in enumerate([0.90, 0.80, 0.85])]
-            + [_record("causal", 0, "f", 0.5), _record("hybrid", 0, "f", 0.25)])
+            + [_record("causal", 0, "f", 0.5), _record("hybrid", 0, "f", 0.28)])
     summary = summarize(recs, ["causal", "hybrid"], ["e", "f"])
     t2 = 4.302652729911275  # Student t, 0.975 quantile, 2 degrees of freedom
     c, h = summary["e"]["causal"], summary["e"]["hybrid"]
@@ -214,17 +214,18 @@ def test_summary_and_verdict_on_records_with_known_values():
     assert (m1, m4) == (pytest.approx(0.35), pytest.approx(0.7))
     assert ci1 == pytest.approx(t2 * 0.1 / math.sqrt(3)) and ci4 == pytest.approx(t2 * 0.2 / math.sqrt(3))
     one = summary["f"]["hybrid"]
-    assert one["mean"] == 0.25 and math.isnan(one["ci95"])  # one seed: no interval
+    assert one["mean"] == 0.28 and math.isnan(one["ci95"])  # one seed: no interval
 
-    chance = {"e": {"accuracy": 0.5, "how": "x"}, "f": {"accuracy": 0.25, "how": "x"}}
+    chance = {"e": {"accuracy": 0.3, "how": "x"}, "f": {"accuracy": 0.25, "how": "x"}}
     v = verdict(summary, chance, ["causal", "hybrid"], ["e", "f"])
     e = v["per_eval"]["e"]
     assert e["best"] == "hybrid" and e["ranking"] == ["hybrid", "causal"]
     assert e["separated_from"] == {"causal": True}  # 0.85 − 0.107 > 0.35 + 0.107
-    assert e["learned"] == {"causal": False, "hybrid": True}  # lower ends 0.24 and 0.74 vs the floor 0.5
+    # causal: mean 0.35 above the floor 0.3, but the CI's lower end (0.24) is not; hybrid: 0.74 is.
+    assert e["learned"] == {"causal": False, "hybrid": True}
     f = v["per_eval"]["f"]
     assert f["best"] == "causal" and f["separated_from"] == {"hybrid": None}
-    # One seed: learned when 5 points above the floor: 0.5 − 0.05 > 0.25, 0.25 − 0.05 < 0.25.
+    # One seed: learned when 5 points above the floor: 0.5 − 0.05 > 0.25, but 0.28 − 0.05 < 0.25.
     assert f["learned"] == {"causal": True, "hybrid": False}
     assert v["wins"] == {"hybrid": 1, "causal": 1} and not v["no_arm_learned"]
     # Overlapping intervals: the same means with three times the spread no longer separate.
