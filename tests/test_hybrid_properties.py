@@ -65,6 +65,29 @@ def test_zero_slots_and_fresh_refinement_give_the_base_logits(encoder_layers):
     assert (moved - ref)[valid].abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("arm", ["pause", "hybrid"])
+@pytest.mark.parametrize("m", [1, 4])
+def test_fresh_model_equals_its_base_for_any_number_of_slots(arm, m):
+    """A fresh pause or hybrid model (thought gates at their zero init, zero prompt projection) gives
+    the logits of the causal base with the same decoder weights, for m > 0 extra positions too; once the
+    gates open, the extras reach the logits (so the equality is not because they are never read)."""
+    model = _model(arm, thought_slots=m)
+    # The base has the arm's decoder: pause keeps the thinker-sized layer as a decoder layer, hybrid does not.
+    base = HatLM(make_config(arm="causal", num_hidden_layers=model.config.decoder_layers, thinker_layers=0)).eval()
+    base.decoder.load_state_dict(model.decoder.state_dict())
+    base.lm_head.load_state_dict(model.lm_head.state_dict())
+    ids, pl, lengths = _batch()
+    valid = _valid(lengths, ids.shape[1])
+    with torch.no_grad():
+        out = model(ids, prompt_lengths=pl, lengths=lengths).logits
+        ref = base(ids, lengths=lengths)
+        # float tolerance: the attention runs over L + m keys here, L in the base (sums in another order)
+        assert (out - ref)[valid].abs().max().item() <= 1e-5
+        _open_gates(model)
+        moved = model(ids, prompt_lengths=pl, lengths=lengths).logits
+    assert (moved - ref)[valid].abs().max() > 1e-3
+
+
 # ------------------------------------------------------------------------------ attention directions
 
 
