@@ -1,4 +1,4 @@
-"""The properties of DESIGN.md §1 that make the hybrid (and its baselines) trustworthy.
+"""The properties of docs/design.md §4 that make the hybrid (and its baselines) trustworthy.
 
 Rows are right-padded and hold real token ids in their padding, so only the masks keep padding out.
 """

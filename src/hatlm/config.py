@@ -21,7 +21,7 @@ ARMS: tuple[str, ...] = ("causal", "pause", "hybrid")
 
 @dataclass
 class HybridConfig:
-    """The thinking part of the model (DESIGN.md §1) and which comparison arm is built.
+    """The thinking part of the model (docs/design.md §1) and which comparison arm is built.
 
     arm="causal": the thinker's layers become extra decoder layers (parameter-matched baseline).
     arm="pause":  causal decoder (with the extra layers) plus `thought_slots` learned positions.
