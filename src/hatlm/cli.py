@@ -9,6 +9,7 @@ imported only when their subcommand runs (so `hatlm --help` does not load them).
     eval      hatlm.evaluate    evaluate a checkpoint on a data file
     compare   hatlm.compare     train and compare the arms (+ hatlm.reports)
     generate  hatlm.generate    generate text
+    init-from hatlm.checkpoint  a Mistral folder → a hatlm hybrid checkpoint
     serve     hatlm.serve       OpenAI-compatible server
     lm-eval   hatlm.harness     lm-evaluation-harness tasks
     show      hatlm.show        pictures of thinking
@@ -389,6 +390,52 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 
+
+# ------------------------------------------------------------------------------------ init-from
+
+
+def init_from_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="MISTRAL_DIR", help="a Mistral (or hatlm) checkpoint folder in HF layout")
+    p.add_argument("out", metavar="OUT", help="the hatlm checkpoint folder to write")
+    p.add_argument("--arm", choices=ARMS, default="hybrid", help="arm to build (default hybrid)")
+    p.add_argument("--thought-slots", type=int, metavar="M", help="thought (or pause) slots m")
+    p.add_argument("--thinker-layers", type=int, metavar="K", help="thinker depth K")
+    p.add_argument("--encoder-layers", type=int, metavar="E", help="backbone layers run over the prompt first")
+    p.add_argument("--max-think-iters", type=int, metavar="T", help="thinking iterations T_max")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other config field, e.g. --set thinker_init=random --set halting_threshold=1e-3")
+    p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the parts a Mistral folder does not hold")
+    p.add_argument("--max-shard-size", default="5GB", help="shard size of the written safetensors (default 5GB)")
+
+
+def run_init_from(args: argparse.Namespace) -> int:
+    """Mistral folder → hatlm checkpoint. The loader fills a meta-device model tensor by tensor, and the
+    writer streams it to disk: one copy of the weights in memory, never two."""
+    from hatlm.checkpoint import load_model, save_model
+    from hatlm.tokenizer import load_tokenizer
+    from hatlm.util import parse_set_items
+
+    overrides: dict[str, Any] = parse_set_items(args.set)
+    overrides["arm"] = args.arm
+    for key in ("thought_slots", "thinker_layers", "encoder_layers", "max_think_iters"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    source, out = Path(args.source), Path(args.out)
+    if source.resolve() == out.resolve():
+        raise UserError("OUT must be a new folder, not the source checkpoint")
+    model = load_model(source, dtype=args.dtype, seed=args.seed, **overrides)
+    try:
+        tok = load_tokenizer(source)
+    except UserError:
+        tok = None  # a folder without tokenizer files: the checkpoint is still complete
+    save_model(model, out, tokenizer=tok, max_shard_size=args.max_shard_size)
+    counts = model.num_parameters()
+    print(f"wrote {out}: {model.config.arm} arm, {counts['total']:,} parameters "
+          f"({counts['thinker'] + counts['slots_and_gates']:,} new)")  # fmt: skip
+    return 0
+
+
 # ------------------------------------------------------------------------------------ inference tools
 
 
@@ -515,6 +562,8 @@ COMMANDS: dict[str, Command] = {
     "eval": ("evaluate a checkpoint on a data file", eval_arguments, run_eval),
     "compare": ("train and compare the causal, pause and hybrid arms", compare_arguments, run_compare),
     "generate": ("generate text from a checkpoint or preset", generate_arguments, run_generate),
+    "init-from": ("turn a Mistral checkpoint into a hatlm hybrid (or pause) checkpoint", init_from_arguments,
+                  run_init_from),
     "serve": ("OpenAI-compatible HTTP server (FastAPI + uvicorn)", serve_arguments, run_serve),
     "lm-eval": ("run lm-evaluation-harness tasks on a checkpoint or preset", lm_eval_arguments, run_lm_eval),
     "show": ("HTML page + PNGs of what the thinker does on a prompt", show_arguments, run_show),
