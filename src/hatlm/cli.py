@@ -166,6 +166,8 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--think-iters", type=int, default=None,
                    help="hybrid: thinking iterations (default: the checkpoint's max_think_iters)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples (or windows)")
     p.add_argument("--window", type=int, default=256, help="plain text: tokens per window (default 256)")
@@ -191,7 +193,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.think_iters is not None and args.think_iters < 0:
         raise UserError(f"--think-iters must be >= 0; got {args.think_iters}")
     fmt = detect_format(args.data)  # checks the data file before the (slower) model load
-    model, tokenizer = load_model_and_tokenizer(args.checkpoint)
+    model, tokenizer = load_model_and_tokenizer(args.checkpoint, device=args.device, dtype=args.dtype)
     if args.think_iters is not None and model.arm != "hybrid":
         raise UserError(f"--think-iters applies to the hybrid arm; {args.checkpoint} is the {model.arm!r} arm")
     think = args.think_iters if args.think_iters is not None else (
@@ -257,6 +259,7 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int,
                    help="runs trained at once, each in its own process (default: one per available CPU core)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads per run (default 1)")
+    p.add_argument("--device", default=None, help="device of every run: auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -277,6 +280,8 @@ def run_compare(args: argparse.Namespace) -> int:
     over = parse_set_items(args.set)
     if args.preset:
         over["preset"] = args.preset
+    if args.device:
+        over["device"] = args.device
     over["data"] = [args.train]
     base = apply_overrides(base, over, source="command line")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -315,6 +320,7 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arm", choices=ARMS, default=None, help="arm (presets only)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per batch with --file")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on GPU)")
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -347,7 +353,7 @@ def run_generate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)  # None: CUDA when available; CUDA asked for but absent is an error
     if args.arm is not None and args.model not in PRESETS and Path(args.model).expanduser().is_dir():
         raise UserError("--arm applies to presets only; a checkpoint carries its own arm")
-    model, tok = load_model_and_tokenizer(args.model, arm=args.arm, device=device)
+    model, tok = load_model_and_tokenizer(args.model, arm=args.arm, device=device, dtype=args.dtype)
 
     out = sys.stdout
     streaming = not args.json and args.batch_size == 1
