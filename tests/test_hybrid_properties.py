@@ -152,7 +152,8 @@ def test_decoder_prefix_setting(arm):
 # ------------------------------------------------------------------------------ padding
 
 
-@pytest.mark.parametrize("arm,backend", [("causal", "sdpa"), ("pause", "sdpa"), ("hybrid", "sdpa"), ("hybrid", "flex")])
+@pytest.mark.parametrize("arm,backend", [("causal", "sdpa"), ("pause", "sdpa"), ("hybrid", "sdpa"),
+                                         pytest.param("hybrid", "flex", marks=pytest.mark.slow)])
 def test_sequence_alone_equals_its_row_in_a_padded_batch(arm, backend):
     model = _model(arm, trained_refinement=True, attn_backend=backend, sliding_window=5)
     ids, pl, lengths = _batch()

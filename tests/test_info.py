@@ -76,4 +76,5 @@ def test_info_on_a_folder_reads_only_its_config(tmp_path, capsys):
 def test_info_unknown_source(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
-    assert "is neither a preset (tiny, tiny-bytes, small, mistral-7b) nor an existing checkpoint folder" in err
+    assert "is neither a preset (" in err and "nor an existing checkpoint folder" in err
+    assert all(name in err for name in ("tiny", "tiny-bytes", "small", "mistral-7b"))  # in any order

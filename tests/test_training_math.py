@@ -89,12 +89,13 @@ def test_weight_decay_spares_slots_gates_norms_and_temperatures(arm):
         else:
             torch.testing.assert_close(p, before[n] * 0.5, atol=1e-7, rtol=0, msg=n)
             decayed.add(n)
-    assert spared == {n for n in before if _spared_by_name(n)}
+    # Named above, plus any other vector or scalar (a norm or bias under another name): never decayed.
+    assert spared == {n for n in before if _spared_by_name(n) or before[n].dim() < 2}
     assert decayed and all(before[n].dim() == 2 for n in decayed)
-    if arm == "hybrid":  # the rule above, spelled out for the test config (2 decoder layers, 1 thinker layer)
+    if arm == "hybrid":  # spelled out for the test config (2 decoder layers, 1 thinker layer)
         norms = [f"{s}.layers.{i}.{k}_layernorm.weight" for s, n in (("decoder", 2), ("thinker", 1))
                  for i in range(n) for k in ("input", "post_attention")]
-        assert spared == {"thought_slots", "thought_gate.0", "thought_gate.1", "thinker.gate.weight",
+        assert spared >= {"thought_slots", "thought_gate.0", "thought_gate.1", "thinker.gate.weight",
                           "thinker.gate.bias", "thinker.reweight_temperature", "decoder.norm.weight", *norms}
 
 
