@@ -330,3 +330,4 @@ PRESETS["tiny-bytes"] = dict(
     PRESETS["tiny"], vocab_size=259, sliding_window=None, tie_word_embeddings=True,
     bos_token_id=256, eos_token_id=257, pad_token_id=258,
 )  # fmt: skip
+PRESETS = {name: PRESETS[name] for name in ("tiny", "tiny-bytes", "small", "mistral-7b")}  # listing order
