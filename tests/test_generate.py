@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import as_if_trained, make_config, make_hf_config
 
+from hatlm import decoding, thinking
 from hatlm import generate as gen_mod
-from hatlm import thinking
 from hatlm.errors import UserError
 from hatlm.generate import generate
 from hatlm.model import HatLM
@@ -81,7 +81,7 @@ def test_unfused_projection_path_matches(monkeypatch):
     """Big models keep q/k/v and gate/up as separate matrices; that path is exact too."""
     model = _model("hybrid", sliding_window=7)
     a = generate(model, None, PROMPTS, 10, ignore_eos=True, output_logits=True)
-    monkeypatch.setattr(gen_mod, "FUSE_MAX_BYTES", 0)
+    monkeypatch.setattr(decoding, "FUSE_MAX_BYTES", 0)  # the decode state lives in hatlm.decoding
     b = generate(model, None, PROMPTS, 10, ignore_eos=True, output_logits=True)
     assert a.tokens == b.tokens
     for x, y in zip(a.logits, b.logits):
