@@ -70,7 +70,32 @@ def tiny_config() -> Callable[..., ModelConfig]:
     return make_config
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    # One torch thread for the whole suite: tiny models gain nothing from a second thread, on a shared
+    # 2-core machine a parallel region waits for whichever core is busy elsewhere (10x slower), and
+    # float reductions then run in one order whatever the machine. Restored at the end.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     # Every test starts from the same RNG state, whatever ran before it.
     torch.manual_seed(0)
+
+
+def as_if_trained(model, std: float = 0.2):
+    """Open the paths a fresh hybrid/pause model keeps closed (so that it starts as its base): the prompt
+    refinement, the thinker's gate weights and the decoder's gates on the thought/pause positions —
+    as after training, so that tests see thinking reach the logits. Returns the model."""
+    with torch.no_grad():
+        if getattr(model, "prompt_refine", None) is not None:
+            model.prompt_refine.weight.normal_(0.0, std)
+            model.thinker.gate.weight.normal_(0.0, std)
+        if getattr(model, "thought_gate", None) is not None:
+            for g in model.thought_gate:
+                g.normal_(0.0, 1.0)
+    return model

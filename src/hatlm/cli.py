@@ -9,6 +9,12 @@ imported only when their subcommand runs (so `hatlm --help` does not load them).
     eval      hatlm.evaluate    evaluate a checkpoint on a data file
     compare   hatlm.compare     train and compare the arms (+ hatlm.reports)
     generate  hatlm.generate    generate text
+    init-from hatlm.checkpoint  a Mistral folder → a hatlm hybrid checkpoint
+    serve     hatlm.serve       OpenAI-compatible server
+    lm-eval   hatlm.harness     lm-evaluation-harness tasks
+    show      hatlm.show        pictures of thinking
+
+Why ~600 lines: every subcommand's flags in one place (issue 7) — each run function stays a few lines.
 """
 
 from __future__ import annotations
@@ -160,6 +166,8 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--think-iters", type=int, default=None,
                    help="hybrid: thinking iterations (default: the checkpoint's max_think_iters)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples (or windows)")
     p.add_argument("--window", type=int, default=256, help="plain text: tokens per window (default 256)")
@@ -185,7 +193,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.think_iters is not None and args.think_iters < 0:
         raise UserError(f"--think-iters must be >= 0; got {args.think_iters}")
     fmt = detect_format(args.data)  # checks the data file before the (slower) model load
-    model, tokenizer = load_model_and_tokenizer(args.checkpoint)
+    model, tokenizer = load_model_and_tokenizer(args.checkpoint, device=args.device, dtype=args.dtype)
     if args.think_iters is not None and model.arm != "hybrid":
         raise UserError(f"--think-iters applies to the hybrid arm; {args.checkpoint} is the {model.arm!r} arm")
     think = args.think_iters if args.think_iters is not None else (
@@ -254,6 +262,7 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int,
                    help="runs trained at once, each in its own process (default: one per available CPU core)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads per run (default 1)")
+    p.add_argument("--device", default=None, help="device of every run: auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -274,6 +283,8 @@ def run_compare(args: argparse.Namespace) -> int:
     over = parse_set_items(args.set)
     if args.preset:
         over["preset"] = args.preset
+    if args.device:
+        over["device"] = args.device
     over["data"] = [args.train]
     base = apply_overrides(base, over, source="command line")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -313,6 +324,12 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arm", choices=ARMS, default=None, help="arm (presets only)")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per batch with --file")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with a torch.compile'd static-shape step (CUDA graphs on a GPU; the first batch compiles)",
+    )
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -345,7 +362,7 @@ def run_generate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)  # None: CUDA when available; CUDA asked for but absent is an error
     if args.arm is not None and args.model not in PRESETS and Path(args.model).expanduser().is_dir():
         raise UserError("--arm applies to presets only; a checkpoint carries its own arm")
-    model, tok = load_model_and_tokenizer(args.model, arm=args.arm, device=device)
+    model, tok = load_model_and_tokenizer(args.model, arm=args.arm, device=device, dtype=args.dtype)
 
     out = sys.stdout
     streaming = not args.json and args.batch_size == 1
@@ -358,7 +375,7 @@ def run_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, think_iters=args.think_iters,
         halting_threshold=args.halting_threshold, rethink_every=args.rethink_every, refine_steps=args.refine_steps,
-        refine_lr=args.refine_lr, refine_objective=args.refine_objective,
+        refine_lr=args.refine_lr, refine_objective=args.refine_objective, compile=args.compile,
     )
     results = []
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
@@ -389,6 +406,169 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+# ------------------------------------------------------------------------------------ init-from
+
+
+def init_from_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="MISTRAL_DIR", help="a Mistral (or hatlm) checkpoint folder in HF layout")
+    p.add_argument("out", metavar="OUT", help="the hatlm checkpoint folder to write")
+    p.add_argument("--arm", choices=ARMS, default="hybrid", help="arm to build (default hybrid)")
+    p.add_argument("--thought-slots", type=int, metavar="M", help="thought (or pause) slots m")
+    p.add_argument("--thinker-layers", type=int, metavar="K", help="thinker depth K")
+    p.add_argument("--encoder-layers", type=int, metavar="E", help="backbone layers run over the prompt first")
+    p.add_argument("--max-think-iters", type=int, metavar="T", help="thinking iterations T_max")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other config field, e.g. --set thinker_init=random --set halting_threshold=1e-3")
+    p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the parts a Mistral folder does not hold")
+    p.add_argument("--max-shard-size", default="5GB", help="shard size of the written safetensors (default 5GB)")
+
+
+def run_init_from(args: argparse.Namespace) -> int:
+    """Mistral folder → hatlm checkpoint. The loader fills a meta-device model tensor by tensor, and the
+    writer streams it to disk: one copy of the weights in memory, never two."""
+    from hatlm.checkpoint import load_model, save_model
+    from hatlm.tokenizer import load_tokenizer
+    from hatlm.util import parse_set_items
+
+    overrides: dict[str, Any] = parse_set_items(args.set)
+    overrides["arm"] = args.arm
+    for key in ("thought_slots", "thinker_layers", "encoder_layers", "max_think_iters"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    source, out = Path(args.source), Path(args.out)
+    if source.resolve() == out.resolve():
+        raise UserError("OUT must be a new folder, not the source checkpoint")
+    model = load_model(source, dtype=args.dtype, seed=args.seed, **overrides)
+    try:
+        tok = load_tokenizer(source)
+    except UserError:
+        tok = None  # a folder without tokenizer files: the checkpoint is still complete
+    save_model(model, out, tokenizer=tok, max_shard_size=args.max_shard_size)
+    counts = model.num_parameters()
+    print(f"wrote {out}: {model.config.arm} arm, {counts['total']:,} parameters "
+          f"({counts['thinker'] + counts['slots_and_gates']:,} new)")  # fmt: skip
+    return 0
+
+
+# ------------------------------------------------------------------------------------ inference tools
+
+
+def model_arguments(p: argparse.ArgumentParser) -> None:
+    """The positional model argument and --device/--dtype/--arm shared by serve and show."""
+    p.add_argument("model", metavar="CHECKPOINT_OR_PRESET", help="checkpoint folder or preset name")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--arm", choices=ARMS, default=None, help="arm (presets only)")
+
+
+def serve_arguments(p: argparse.ArgumentParser) -> None:
+    model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: folder name)")
+    p.add_argument("--max-batch", type=int, default=32, help="most requests decoded together (default 32)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ModuleNotFoundError as e:
+        raise UserError(f"hatlm serve needs {e.name}: pip install 'hatlm[serve]'") from None
+    from hatlm.serve import build_server, create_app
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535; got {args.port}")
+    if args.max_batch < 1:
+        raise UserError(f"--max-batch must be >= 1; got {args.max_batch}")
+    if args.arm is not None and args.model not in PRESETS:
+        raise UserError("--arm applies to presets only; a checkpoint carries its own arm")
+    server = build_server(args.model, args.device, args.dtype, args.arm, args.served_model_name, args.max_batch)
+    print(f"hatlm serve: model {server.model_id!r} ({server.model.arm} arm, chat: {server.chat.source}) "
+          f"on http://{args.host}:{args.port}/v1", flush=True)  # fmt: skip
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def lm_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-args", required=True,
+                   help="pretrained=DIR_OR_PRESET[,think_iters=N,halting_threshold=E,dtype=...]")  # fmt: skip
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", default=None, help="folder of extra task YAMLs")
+    p.add_argument("--no-default-tasks", action="store_true", help="index only --include-path tasks (skips built-ins)")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default 16)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--output-path", type=Path, default=None, help="folder for results.json (+ samples)")
+    p.add_argument("--log-samples", action="store_true", help="also write per-example samples")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_lm_eval(args: argparse.Namespace) -> int:
+    """lm-evaluation-harness on a hatlm model. The harness's own CLI cannot load model classes from
+    other packages, so this imports hatlm.harness (which registers "hatlm") and calls the harness."""
+    try:
+        import lm_eval  # noqa: F401
+    except ModuleNotFoundError:
+        raise UserError("hatlm lm-eval needs lm-evaluation-harness: pip install 'hatlm[eval]'") from None
+    from hatlm.harness import evaluate, write_results
+
+    if "pretrained=" not in args.model_args:
+        raise UserError("--model-args must name the model: pretrained=CHECKPOINT_DIR_OR_PRESET[,think_iters=N,...]")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("--tasks is empty")
+    if args.include_path is not None and not Path(args.include_path).is_dir():
+        raise UserError(f"--include-path {args.include_path}: not a folder")
+    if args.no_default_tasks and args.include_path is None:
+        raise UserError("--no-default-tasks needs --include-path (there would be no tasks at all)")
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    results = evaluate(
+        args.model_args, tasks, include_path=args.include_path, limit=limit, num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size, device=args.device, log_samples=args.log_samples or args.output_path is not None,
+        include_defaults=not args.no_default_tasks, seed=args.seed,
+    )  # fmt: skip
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if args.output_path is not None:
+        write_results(results, args.output_path, samples=args.log_samples)
+        print(f"results: {args.output_path / 'results.json'}", file=sys.stderr)
+    return 0
+
+
+def show_arguments(p: argparse.ArgumentParser) -> None:
+    model_arguments(p)
+    p.add_argument("prompt", help="the prompt to think over")
+    p.add_argument("--out", type=Path, default=Path("hatlm-show"), help="output folder (default hatlm-show/)")
+    p.add_argument("--think-iters", type=int, default=None, help="thinking iterations (default: config)")
+    p.add_argument("--halting-threshold", type=float, default=None, help="halting epsilon (default: config)")
+    p.add_argument("--rethink-every", type=int, default=None, help="also generate, re-thinking every R tokens")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate with --rethink-every")
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from hatlm.loader import load_model_and_tokenizer
+    from hatlm.show import show
+
+    if args.think_iters is not None and args.think_iters < 1:
+        raise UserError(f"--think-iters must be >= 1 to have something to show; got {args.think_iters}")
+    if args.arm is not None and args.model not in PRESETS:
+        raise UserError("--arm applies to presets only; a checkpoint carries its own arm")
+    model, tok = load_model_and_tokenizer(args.model, device=args.device or "auto", dtype=args.dtype, arm=args.arm)
+    model.eval()
+    page = show(model, tok, args.prompt, args.out, args.think_iters, args.halting_threshold, args.rethink_every,
+                args.max_new_tokens, model_name=str(args.model))  # fmt: skip
+    print(page.resolve().as_uri())
+    return 0
+
+
+
 # ------------------------------------------------------------------------------------ main
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -399,6 +579,11 @@ COMMANDS: dict[str, Command] = {
     "eval": ("evaluate a checkpoint on a data file", eval_arguments, run_eval),
     "compare": ("train and compare the causal, pause and hybrid arms", compare_arguments, run_compare),
     "generate": ("generate text from a checkpoint or preset", generate_arguments, run_generate),
+    "init-from": ("turn a Mistral checkpoint into a hatlm hybrid (or pause) checkpoint", init_from_arguments,
+                  run_init_from),
+    "serve": ("OpenAI-compatible HTTP server (FastAPI + uvicorn)", serve_arguments, run_serve),
+    "lm-eval": ("run lm-evaluation-harness tasks on a checkpoint or preset", lm_eval_arguments, run_lm_eval),
+    "show": ("HTML page + PNGs of what the thinker does on a prompt", show_arguments, run_show),
 }
 
 

@@ -4,7 +4,7 @@
                   [--arms causal,pause,hybrid,looped,deep] [--config FILE] [--set KEY=VALUE ...]
                   [--halting-threshold EPS]
 
-Every arm (DESIGN.md §2: `causal`, `pause`, `hybrid`, `looped`, `deep`, built in `ModelConfig`:
+Every arm (docs/design.md §3: `causal`, `pause`, `hybrid`, `looped`, `deep`, built in `ModelConfig`:
 causal/pause/looped parameter-matched to the hybrid, deep FLOP-matched at the training depth) is
 trained by `hatlm.train.train` on the same data, for the same steps, with the same seeds and
 hyper-parameters; only `arm` differs. Each trained model is then evaluated on every eval file:

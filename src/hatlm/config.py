@@ -73,7 +73,7 @@ def parse_iters_spec(spec: str, default: int) -> ItersSpec:
 
 @dataclass
 class HybridConfig:
-    """The thinking part of the model (DESIGN.md §1) and which comparison arm is built.
+    """The thinking part of the model (docs/design.md §1) and which comparison arm is built.
 
     arm="causal": the thinker's layers become extra decoder layers (parameter-matched baseline).
     arm="pause":  causal decoder (with the extra layers) plus `thought_slots` learned positions.
@@ -403,22 +403,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         sliding_window=256,
         hybrid=dict(thinker_layers=2, thought_slots=8, max_think_iters=4),
     ),
-    # Same shapes on a byte vocabulary (259 = 256 bytes + BOS/EOS/PAD): for from-scratch runs on tasks.
-    "tiny-bytes": dict(
-        vocab_size=259,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        sliding_window=None,
-        tie_word_embeddings=True,
-        bos_token_id=256,
-        eos_token_id=257,
-        pad_token_id=258,
-        hybrid=dict(thinker_layers=2, thought_slots=8, max_think_iters=4),
-    ),
     "small": dict(
         vocab_size=32000,
         hidden_size=512,
@@ -444,3 +428,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         hybrid=dict(thinker_layers=2, thought_slots=16, max_think_iters=4),
     ),
 }
+# Same shapes as `tiny` on a byte vocabulary (259 = 256 bytes + BOS/EOS/PAD): from-scratch runs on tasks.
+PRESETS["tiny-bytes"] = dict(
+    PRESETS["tiny"], vocab_size=259, sliding_window=None, tie_word_embeddings=True,
+    bos_token_id=256, eos_token_id=257, pad_token_id=258,
+)  # fmt: skip
+PRESETS = {name: PRESETS[name] for name in ("tiny", "tiny-bytes", "small", "mistral-7b")}  # listing order

@@ -44,7 +44,7 @@ def tokenizer_for(config: ModelConfig, folder: str | Path | None = None):
 
 
 def load_model_and_tokenizer(name_or_dir: str | Path, *, arm: str | None = None, device: str | torch.device | None =
-                             None, dtype: torch.dtype | None = None, seed: int = 0, **overrides: Any):
+                             None, dtype: str | torch.dtype | None = None, seed: int = 0, **overrides: Any):
     """(model, tokenizer) from a preset name or a checkpoint folder (hatlm or Hugging Face Mistral).
 
     arm / overrides: config fields to change (a Mistral folder loaded with arm="hybrid" becomes a
@@ -53,7 +53,12 @@ def load_model_and_tokenizer(name_or_dir: str | Path, *, arm: str | None = None,
     weights (a preset, or the new parts of a converted folder) are the same on every run."""
     if arm is not None:
         overrides["arm"] = arm
-    dev = resolve_device(device) if device is not None else torch.device("cpu")
+    if isinstance(dtype, str):
+        from hatlm.checkpoint import parse_dtype
+
+        dtype = None if dtype == "auto" else parse_dtype(dtype)
+    dev = device if isinstance(device, torch.device) else (
+        resolve_device(device) if device is not None else torch.device("cpu"))
     if isinstance(name_or_dir, str) and name_or_dir in PRESETS:
         from hatlm.model import HatLM
 

@@ -258,7 +258,7 @@ class HatLM(nn.Module):
         halting_threshold: float | None = None,
         backprop_iters: int | None = None,
     ) -> ThinkResult:
-        """Refine [prompt ; thought slots] with the bidirectional thinker (DESIGN.md §1.2).
+        """Refine [prompt ; thought slots] with the bidirectional thinker (docs/design.md §1, "Think").
 
         input_ids [B, L] holds at least each row's prompt (anything after it is ignored). In training
         the slots start from their learned mean plus `slot_noise` noise and T may be sampled
