@@ -4,7 +4,7 @@ Run functions parse flags into library calls and print; the work lives in the li
 imported only when their subcommand runs (so `hatlm --help` does not load them).
 
     info      hatlm.info        parameter counts and memory estimates
-    demo      hatlm.demo        built-in task, three-arm comparison, report
+    demo      hatlm.demo        built-in task, five-arm comparison, report
     train     hatlm.train       train one arm
     eval      hatlm.evaluate    evaluate a checkpoint on a data file
     compare   hatlm.compare     train and compare the arms (+ hatlm.reports)
@@ -574,7 +574,7 @@ def run_show(args: argparse.Namespace) -> int:
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: dict[str, Command] = {
     "info": ("parameter counts and memory estimates of a checkpoint or preset", info_arguments, run_info),
-    "demo": ("the main job: built-in tasks, three-arm comparison, report", demo_arguments, run_demo),
+    "demo": ("the main job: built-in task, five-arm comparison, report", demo_arguments, run_demo),
     "train": ("train one arm on a data file", train_arguments, run_train),
     "eval": ("evaluate a checkpoint on a data file", eval_arguments, run_eval),
     "compare": ("train and compare the causal, pause and hybrid arms", compare_arguments, run_compare),

@@ -1,4 +1,5 @@
-"""Text generation for all three arms: think once, prefill a preallocated KV cache, decode.
+"""Text generation for every arm: think once, prefill a preallocated KV cache, decode. (The deep arm
+decodes as a deeper causal decoder; the looped arm recomputes its loop at every step, `_LoopedDecoder`.)
 
     prompt ──(hybrid: think, optional gradient refinement of the thoughts)──► decoder prefill over
     [prompt ; thoughts] writes keys/values at positions 0..n+m−1 ──► the first token comes from the
