@@ -25,7 +25,7 @@ from typing import Any
 # `hatlm compare --config`.
 DEMO_TASK = "nearest"
 DEMO_TRAIN_DIFFICULTIES = [2, 3, 4]
-DEMO_EVAL_DIFFICULTIES = [4, 8]  # a trained level and a harder held-out one
+DEMO_EVAL_DIFFICULTIES = [4, 8, 16]  # a trained level and two held-out ones (2x and 4x the longest trained)
 DEMO_N_TRAIN = 20000
 DEMO_N_EVAL = 300
 DEMO_SEEDS = 3
@@ -74,7 +74,7 @@ def demo(out_dir: str | Path = "hatlm-demo", *, steps: int | None = None, seeds:
     print(f"hatlm demo — does thinking help beyond spending more compute?\n"
           f"Task '{DEMO_TASK}': {fam.description}.\n"
           f"Training on levels {DEMO_TRAIN_DIFFICULTIES}, testing on {DEMO_EVAL_DIFFICULTIES} "
-          f"(level {max(DEMO_EVAL_DIFFICULTIES)} is held out: harder than anything seen in training).\n"
+          f"(levels above {max(DEMO_TRAIN_DIFFICULTIES)} are held out: harder than anything seen in training).\n"
           f"Arms: causal (plain decoder, thinker's layers as extra decoder layers), pause (+ learned extra "
           f"positions), hybrid (bidirectional thinker + thought slots), looped (the thinker's layers iterated "
           f"causally, shared weights), deep (K·T distinct extra layers); {seeds} seeds each, {cfg.steps} steps.\n"
