@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="dense bf16 peak for MFU (default: 989 for H100/H200 SXM, 756 for H100 PCIe)",
     )
-    ap.add_argument("--time-budget", type=float, default=330.0, help="seconds; later work is skipped past it")
+    ap.add_argument("--time-budget", type=float, default=300.0, help="seconds; later work is skipped past it")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu.md and gpu.json (default $OUT)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
