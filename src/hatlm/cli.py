@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("hatlm.evaluate", "evaluate a checkpoint on a data file"),
     "compare": ("hatlm.compare", "train and compare the causal, pause and hybrid arms"),
     "generate": ("hatlm.generate", "generate text from a checkpoint or preset"),
+    "merge": ("hatlm.lora", "merge a LoRA adapter into its base model: a plain hatlm checkpoint"),
 }
 
 

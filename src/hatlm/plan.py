@@ -45,8 +45,6 @@ from torch import Tensor, nn
 from hatlm.config import ModelConfig
 from hatlm.errors import UserError
 
-LORA_TARGET_REGEX = r"(.*\.)?decoder\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-
 
 @dataclass(frozen=True)
 class Strategy:
@@ -118,7 +116,9 @@ def inject_lora(model: nn.Module, r: int) -> None:
     """PEFT LoRA on the decoder projections; base frozen, adapters and the thinking path trainable."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=LORA_TARGET_REGEX, bias="none")
+    from hatlm.lora import target_regex
+
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=target_regex(), bias="none")
     # On the meta device PEFT's initialisation is pure overhead (seconds for 7B): create the adapters
     # without it.
     inject_adapter_in_model(cfg, model, low_cpu_mem_usage=model.decoder.embed_tokens.weight.is_meta)
