@@ -1,0 +1,176 @@
+"""hatlm.distributed on the CPU with gloo: 2 processes (FSDP2) equal 1 process with the same global batch.
+
+Each run trains the hybrid arm (a weight-shared thinker called T = 3 times per forward) for a few AdamW
+steps on batches whose rows have different lengths, so the two ranks see different numbers of tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from conftest import make_config
+
+import hatlm
+from hatlm.distributed import (
+    DistEnv,
+    export_hf,
+    full_state_dict,
+    init_distributed,
+    load_checkpoint,
+    per_rank_batch,
+    save_checkpoint,
+    shard_model,
+)
+from hatlm.errors import UserError
+from hatlm.lora import LoraSpec, add_lora
+from hatlm.model import HatLM
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+
+GLOBAL_BATCH, SEQ, STEPS = 4, 12, 4
+
+
+def make_model(lora: bool) -> HatLM:
+    torch.manual_seed(0)
+    model = HatLM(make_config(arm="hybrid", max_think_iters=3))
+    if lora:
+        add_lora(model, LoraSpec(r=4, alpha=8))
+        torch.manual_seed(1)
+        with torch.no_grad():  # non-zero B so that the adapters matter from step 0
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    return model
+
+
+def batch(step: int, vocab: int):
+    g = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(3, vocab, (GLOBAL_BATCH, SEQ), generator=g)
+    lengths = torch.randint(7, SEQ + 1, (GLOBAL_BATCH,), generator=g)
+    prompts = torch.randint(2, 6, (GLOBAL_BATCH,), generator=g)
+    return ids, prompts, lengths
+
+
+def train(model, opt, steps, rank: int = 0, world: int = 1) -> list[float]:
+    """Each rank's loss = its token-loss sum / the global token count; gradients are summed."""
+    b = per_rank_batch(GLOBAL_BATCH, world)
+    losses = []
+    for step in steps:
+        ids, prompts, lengths = batch(step, model.config.vocab_size)
+        valid = torch.arange(SEQ - 1)[None] < (lengths - 1)[:, None]  # positions predicting a real token
+        total = valid.sum()
+        rows = slice(rank * b, (rank + 1) * b)
+        out = model(ids[rows], prompt_lengths=prompts[rows], lengths=lengths[rows]).logits
+        tok = F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), ids[rows, 1:].reshape(-1), reduction="none")
+        loss = (tok * valid[rows].reshape(-1)).sum() / total
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def make_opt(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+
+
+def reference(lora: bool, steps=range(STEPS)) -> dict[str, torch.Tensor]:
+    model = make_model(lora)
+    train(model, make_opt(model), steps)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------ spawned workers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, job: str, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    env = init_distributed("cpu")
+    try:
+        globals()[job](env, tmp)
+    finally:
+        dist.destroy_process_group()
+
+
+def job_train(env: DistEnv, tmp: str) -> None:
+    # Full fine-tune with activation checkpointing, through to an HF export.
+    model = shard_model(make_model(lora=False), env, checkpointing=True)
+    train(model, make_opt(model), range(STEPS), env.rank, env.world_size)
+    sd = full_state_dict(model)
+    if env.is_main:
+        torch.save(sd, f"{tmp}/full.pt")
+    export_hf(model, f"{tmp}/export", env)
+    # LoRA (frozen base, adapters + thinker trained), no checkpointing.
+    model = shard_model(make_model(lora=True), env)
+    train(model, make_opt(model), range(STEPS), env.rank, env.world_size)
+    sd = full_state_dict(model)
+    if env.is_main:
+        torch.save(sd, f"{tmp}/lora.pt")
+    # First half of an interrupted run: save after 2 steps, then the process ends.
+    model = shard_model(make_model(lora=False), env)
+    opt = make_opt(model)
+    train(model, opt, range(2), env.rank, env.world_size)
+    save_checkpoint(f"{tmp}/ckpt", model, opt, step=2)
+
+
+def job_resume(env: DistEnv, tmp: str) -> None:
+    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
+    model = HatLM(make_config(arm="hybrid", max_think_iters=3))
+    model = shard_model(model, env)
+    opt = make_opt(model)
+    meta = load_checkpoint(f"{tmp}/ckpt", model, opt)
+    train(model, opt, range(meta["step"], STEPS), env.rank, env.world_size)
+    sd = full_state_dict(model)
+    if env.is_main:
+        torch.save(sd, f"{tmp}/resumed.pt")
+
+
+def spawn(job: str, tmp, world: int = 2) -> None:
+    mp.spawn(_worker, args=(world, _free_port(), job, str(tmp)), nprocs=world, join=True)
+
+
+def assert_state_close(got: dict, want: dict, atol=1e-5) -> None:
+    assert set(got) == set(want)
+    for k in want:  # (FSDP2 holds 0-dim parameters as [1])
+        torch.testing.assert_close(got[k].float().reshape(want[k].shape), want[k].float(), atol=atol, rtol=0, msg=k)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_resume_equals_no_stop(tmp_path):
+    spawn("job_train", tmp_path)
+    spawn("job_resume", tmp_path)
+    full, lora = reference(lora=False), reference(lora=True)
+    # The runs did move the weights (the comparison is not between untouched models).
+    assert not torch.allclose(full["thinker.layers.0.self_attn.q_proj.weight"],
+                              make_model(False).state_dict()["thinker.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+    assert_state_close(torch.load(tmp_path / "full.pt"), full)
+    assert_state_close(torch.load(tmp_path / "lora.pt"), lora)
+    assert_state_close(torch.load(tmp_path / "resumed.pt"), full)
+    # The HF export is a plain checkpoint with the trained weights.
+    exported = hatlm.load(tmp_path / "export").state_dict()
+    assert_state_close(exported, full)
+
+
+def test_world_size_must_divide_the_batch():
+    assert per_rank_batch(8, 4) == 2
+    with pytest.raises(UserError, match="does not divide among 3 processes"):
+        per_rank_batch(8, 3)
+
+
+def test_shard_model_without_process_group_is_a_clear_error():
+    with pytest.raises(UserError, match="torchrun"):
+        shard_model(make_model(False), DistEnv())
