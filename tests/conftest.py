@@ -74,3 +74,17 @@ def tiny_config() -> Callable[..., ModelConfig]:
 def _seed() -> None:
     # Every test starts from the same RNG state, whatever ran before it.
     torch.manual_seed(0)
+
+
+def as_if_trained(model, std: float = 0.2):
+    """Open the paths a fresh hybrid/pause model keeps closed (so that it starts as its base): the prompt
+    refinement, the thinker's gate weights and the decoder's gates on the thought/pause positions —
+    as after training, so that tests see thinking reach the logits. Returns the model."""
+    with torch.no_grad():
+        if getattr(model, "prompt_refine", None) is not None:
+            model.prompt_refine.weight.normal_(0.0, std)
+            model.thinker.gate.weight.normal_(0.0, std)
+        if getattr(model, "thought_gate", None) is not None:
+            for g in model.thought_gate:
+                g.normal_(0.0, 1.0)
+    return model

@@ -5,17 +5,21 @@ from __future__ import annotations
 import io
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
 import yaml
 
 from hatlm.cli import main
-from hatlm.compare import chance_floor, compare, mean_ci, overall_statement, t_quantile, verdict
+from hatlm.compare import compare, mean_ci, verdict
 from hatlm.data import write_jsonl
+from hatlm.datasets import EvalSet
 from hatlm.errors import UserError
+from hatlm.evaluate import chance_floor
+from hatlm.reports import overall_statement, write_report
 from hatlm.tasks import make_split
-from hatlm.train import EvalSet, TrainConfig, load_config
+from hatlm.train import TrainConfig, load_config
 
 TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                   num_key_value_heads=1, thinker_layers=1, thought_slots=2, max_think_iters=2)
@@ -41,8 +45,9 @@ def task_files(tmp_path_factory) -> tuple[str, list[str]]:
 def sequential(tmp_path_factory, task_files) -> tuple[Path, dict]:
     train_file, eval_files = task_files
     out = tmp_path_factory.mktemp("seq") / "cmp"
-    return out, compare(train_file, eval_files, out, seeds=2, base=BASE, think_sweep=(1, 3), workers=1,
-                        progress=False)
+    res = compare(train_file, eval_files, out, seeds=2, base=BASE, think_sweep=(1, 3), workers=1, progress=False)
+    write_report(res, out)
+    return out, res
 
 
 def test_compare_tiny_task_writes_full_report(sequential, task_files):
@@ -62,10 +67,12 @@ def test_compare_tiny_task_writes_full_report(sequential, task_files):
             assert set(r["accuracy_by_think_iters"]) == {"1", "3"}
     # Parameter matching: the baselines take the thinker's layer as an extra decoder layer; the
     # hybrid's extras are the slots, the gate and the zero-initialised prompt projection (d² + d + 2).
+    # Pause and hybrid also have one decoder gate per layer and head for reading the extra positions.
     params = {r["arm"]: r["params"] for r in recs}
-    d = TINY_MODEL["hidden_size"]
-    assert params["pause"] - params["causal"] == 2 * d  # the pause slots
-    assert params["hybrid"] - params["pause"] == d * d + d + 2
+    d, H = TINY_MODEL["hidden_size"], TINY_MODEL["num_attention_heads"]
+    L, K = TINY_MODEL["num_hidden_layers"], TINY_MODEL["thinker_layers"]
+    assert params["pause"] - params["causal"] == 2 * d + (L + K) * H  # the pause slots and decoder gates
+    assert params["hybrid"] - params["pause"] == d * d + d + 2 - K * H
     # Inference FLOPs: the hybrid spends the most (thinking), causal the least.
     flops = {r["arm"]: r["inference_flops_per_example"] for r in recs}
     assert flops["causal"] < flops["pause"] < flops["hybrid"]
@@ -135,9 +142,12 @@ def test_compare_cli_errors_on_missing_file(tmp_path, task_files, capsys):
 
 
 def test_t_quantiles_and_confidence_interval():
-    # Reference values of Student's t (two-sided 95%: the 0.975 quantile).
+    # Reference values of Student's t (two-sided 95%: the 0.975 quantile), from printed tables.
     for df, t in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (10, 2.2281), (30, 2.0423)):
-        assert t_quantile(0.975, df) == pytest.approx(t, abs=2e-4)
+        values = [0.0, 1.0] + [0.5] * (df - 1)  # df + 1 values
+        _, ci = mean_ci(values)
+        sem = statistics.stdev(values) / math.sqrt(len(values))
+        assert ci / sem == pytest.approx(t, abs=2e-4)
     m, ci = mean_ci([0.5, 0.7, 0.6])
     assert m == pytest.approx(0.6) and ci == pytest.approx(4.3027 * 0.1 / math.sqrt(3), abs=1e-4)
     m, ci = mean_ci([0.4])
@@ -220,3 +230,30 @@ def test_demo_yaml_mirrors_the_demo_settings():
     for k in ("data", "arm"):
         shipped.pop(k), demo_cfg.pop(k)
     assert shipped == demo_cfg
+
+
+def test_every_metric_of_a_record_is_on_the_kept_examples(tmp_path, task_files):
+    """Examples longer than max_len are left out of greedy accuracy, the chance floor and the
+    learning curves alike, and the record and the report say how many and why."""
+    from hatlm.data import Example
+    from hatlm.trainstate import read_metrics
+
+    train_file, _ = task_files
+    kept = [Example("k1?", "a"), Example("k2?", "a"), Example("k3?", "a"), Example("k4?", "b"), Example("k5?", "b")]
+    too_long = [Example("x" * 60 + str(i), "b") for i in range(4)]  # > max_len 48 tokens
+    ev = tmp_path / "mixed.jsonl"
+    write_jsonl(kept[:2] + too_long[:2] + kept[2:] + too_long[2:], ev)
+    out = tmp_path / "cmp"
+    res = compare(train_file, [str(ev)], out, seeds=1, arms=["causal"], base=BASE, think_sweep=(), workers=1,
+                  progress=False)
+    write_report(res, out)
+    (rec,) = res["records"]
+    assert rec["n"] == 5
+    assert rec["eval_set"] == {"metric": "accuracy", "n_total": 9, "n_kept": 5, "n_scored": 5, "n_curve": 5,
+                               "left_out": "4 of 9 left out: 4 longer than max_len 48"}
+    # Majority answer of the kept five ("a", 3/5), not of the whole file ("b", 6/9).
+    assert res["chance"][str(ev)]["accuracy"] == pytest.approx(3 / 5) and "'a'" in res["chance"][str(ev)]["how"]
+    curve_ns = {r["n"] for r in read_metrics(rec["run_dir"]) if r["split"] == "eval"}
+    assert curve_ns == {5}
+    md = (out / "results.md").read_text()
+    assert "Scored on 5 of the 5 examples kept (4 of 9 left out: 4 longer than max_len 48)" in md

@@ -17,22 +17,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from hatlm.cli import main
+from hatlm.cli import main, train_arguments
+from hatlm.cli import train_config_from_args as config_from_args
 from hatlm.data import Example, write_jsonl
 from hatlm.errors import ConfigError, UserError
 from hatlm.tasks import make_split
-from hatlm.train import (
-    TrainConfig,
-    TrainingDiverged,
-    add_arguments,
-    apply_overrides,
-    config_from_args,
-    latest_checkpoint,
-    load_config,
-    lr_at,
-    read_metrics,
-    train,
-)
+from hatlm.train import TrainConfig, TrainingDiverged, apply_overrides, load_config, make_scheduler, train
+from hatlm.trainstate import latest_checkpoint, read_metrics
 
 # A tiny hybrid that exercises everything resume has to restore: AdamW moments, the LR schedule,
 # gradient accumulation, data order across an epoch boundary (96 examples, 16 per step) and the
@@ -162,7 +153,7 @@ def test_absurd_learning_rate_stops_with_one_line_error(tmp_path, data_files, ca
 
 def _args(*argv: str) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    add_arguments(p)
+    train_arguments(p)
     return p.parse_args(list(argv))
 
 
@@ -230,14 +221,60 @@ def test_resume_guards(tmp_path, data_files):
     assert again["steps"] == 4 and again["final_loss"] == res["final_loss"]
 
 
-def test_lr_schedule_warmup_then_cosine():
+def _old_lr_at(step: int, cfg: TrainConfig) -> float:
+    """The schedule as it was written by hand before it became torch's schedulers (the oracle)."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    progress = min(1.0, (step - cfg.warmup) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def _lrs(cfg: TrainConfig, n: int) -> list[float]:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=cfg.lr)
+    sched = make_scheduler(opt, cfg)
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("warmup, steps, min_lr", [(10, 110, 1e-4), (4, 60, 3e-4), (1, 5, 1e-4), (0, 30, 0.0),
+                                                   (50, 20, 1e-4), (30, 30, 1e-3)])
+def test_lr_schedule_matches_the_old_formula(warmup, steps, min_lr):
+    cfg = TrainConfig(data=["x"], steps=steps, warmup=warmup, lr=1e-3, min_lr=min_lr)
+    got = _lrs(cfg, steps + 1)
+    assert got == pytest.approx([_old_lr_at(s, cfg) for s in range(steps + 1)], rel=1e-12, abs=1e-18)
+
+
+def test_lr_schedule_warmup_then_cosine_and_resumes_exactly():
     cfg = TrainConfig(data=["x"], steps=110, warmup=10, lr=1e-3, min_lr=1e-4)
-    assert lr_at(0, cfg) == pytest.approx(1e-4)  # first update: 1/warmup of the peak
-    assert lr_at(9, cfg) == pytest.approx(1e-3)
-    assert lr_at(60, cfg) == pytest.approx(0.5 * (1e-3 + 1e-4))  # half-way through the cosine
-    assert lr_at(110, cfg) == pytest.approx(1e-4)
-    lrs = [lr_at(s, cfg) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    lrs = _lrs(cfg, 111)
+    assert lrs[0] == pytest.approx(1e-4)  # first update: 1/warmup of the peak
+    assert lrs[9] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(0.5 * (1e-3 + 1e-4))  # half-way through the cosine
+    assert lrs[110] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    # A scheduler restored from a state saved at step k continues with the very same values.
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=cfg.lr)
+    sched = make_scheduler(opt, cfg)
+    for _ in range(37):
+        opt.step()
+        sched.step()
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched2 = make_scheduler(opt2, cfg)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    rest = []
+    for _ in range(37, 111):
+        rest.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert rest == lrs[37:]
 
 
 def test_text_data_and_builtin_task_train(tmp_path):
@@ -266,3 +303,24 @@ def test_too_long_examples_are_reported(tmp_path, capsys):
     assert any("left out 1 longer than max_len=32" in m for m in msgs)
     rec = json.loads((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()[0])
     assert rec["step"] == 1 and rec["split"] == "train"
+
+
+@pytest.mark.parametrize("k", [2, 5, 17])
+def test_checkpoint_with_the_old_lambda_schedule_resumes_on_the_same_learning_rate(k):
+    from hatlm.train import _restore_scheduler
+
+    cfg = TrainConfig(data=["x"], steps=50, warmup=5, lr=1e-3, min_lr=1e-4)
+    p = torch.nn.Parameter(torch.zeros(1))
+    old_opt = torch.optim.AdamW([p], lr=cfg.lr)
+    old = torch.optim.lr_scheduler.LambdaLR(old_opt, lambda s: _old_lr_at(s, cfg) / cfg.lr)  # as written before
+    for _ in range(k):
+        old_opt.step()
+        old.step()
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = make_scheduler(opt, cfg)
+    opt.load_state_dict(old_opt.state_dict())  # the order train() restores them in
+    _restore_scheduler(sched, old.state_dict(), k)
+    for step in range(k, 50):
+        assert opt.param_groups[0]["lr"] == pytest.approx(_old_lr_at(step, cfg), rel=1e-12)
+        opt.step()
+        sched.step()

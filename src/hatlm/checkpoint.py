@@ -387,7 +387,7 @@ def _fresh_allowed(config: ModelConfig) -> Callable[[str], bool]:
     L = config.num_hidden_layers
 
     def allowed(name: str) -> bool:
-        if name.startswith(("thinker.", "prompt_refine.")) or name == "thought_slots":
+        if name.startswith(("thinker.", "prompt_refine.", "thought_gate.")) or name == "thought_slots":
             return True
         if name.startswith("decoder.layers."):
             return int(name.split(".")[2]) >= L
@@ -544,7 +544,7 @@ def _init_fresh(model: HatLM, fresh: set[str], dtype: torch.dtype, device: torch
             mod.weight.normal_(0.0, std)
         elif isinstance(mod, RMSNorm) and prefix + "weight" in fresh:
             mod.weight.fill_(1.0)
-    if any(n == "thought_slots" or n.startswith(("prompt_refine.", "thinker.")) for n in fresh):
+    if any(n == "thought_slots" or n.startswith(("prompt_refine.", "thinker.", "thought_gate.")) for n in fresh):
         model.reset_refinement()
     if model.thinker is not None and config.hybrid.thinker_init == "copy_first":
         K, L = len(model.thinker.layers), config.num_hidden_layers

@@ -37,6 +37,9 @@ class HybridConfig:
     reweight: bool = True  # contextual re-weighting by cosine similarity
     reweight_temperature: float = 1.0  # initial value of the learned temperature
     gate_bias_init: float = 0.0  # interpolation gate a = sigmoid(w·u + b); 0 → a = 0.5 at init
+    # Initial per-layer, per-head gate of the decoder's attention to the thought (or pause) positions.
+    # 0 makes a fresh hybrid/pause model equal its base model for any number of slots.
+    thought_gate_init: float = 0.0
     decoder_prefix: str = "causal"  # decoder mask over prompt+thoughts: "causal" | "bidirectional"
     thinker_init: str = "copy_first"  # when built from a Mistral checkpoint: "copy_first" | "random"
 

@@ -14,10 +14,8 @@ and what was wrong; `prepare` reports, rather than silently drops, empty and too
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 import torch
 
 from hatlm.errors import UserError
+from hatlm.util import atomic_write_text
 
 FORMATS = ("jsonl", "babi", "prontoqa", "prosqa", "json", "text")
 
@@ -253,23 +252,10 @@ def _read_prosqa(path: Path, data: Any) -> list[Example]:
     return out
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_jsonl(examples: list[Example], path: str | Path) -> None:
     """Write examples as JSONL (`{"prompt", "answer", "task"}` per line), atomically."""
     lines = [json.dumps({"prompt": e.prompt, "answer": e.answer, "task": e.task}, ensure_ascii=False) for e in examples]
-    _atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 # ---------------------------------------------------------------------------------- plain text

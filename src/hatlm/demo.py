@@ -15,13 +15,10 @@ budget; the learning curves in DIR/learning_curves.png show it (or show that the
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-from hatlm.errors import UserError
 
 # The calibrated demo (see the module docstring). Everything a run needs is here, so the demo works
 # from an installed package with no files; configs/demo.yaml mirrors the training part for
@@ -56,8 +53,9 @@ def demo(out_dir: str | Path = "hatlm-demo", *, steps: int | None = None, seeds:
          train_overrides: dict[str, Any] | None = None, workers: int | None = None, progress: bool = True,
          show: int = 4, file=None) -> dict[str, Any]:
     """Generate the task, compare the three arms, print the table and examples; returns compare's result."""
-    from hatlm.compare import compare, print_table
+    from hatlm.compare import compare
     from hatlm.data import write_jsonl
+    from hatlm.reports import print_table, write_report
     from hatlm.tasks import TASKS, make_split
     from hatlm.train import TrainConfig, apply_overrides
 
@@ -93,6 +91,7 @@ def demo(out_dir: str | Path = "hatlm-demo", *, steps: int | None = None, seeds:
 
     res = compare(str(train_file), eval_files, out, seeds=seeds, base=cfg, think_sweep=think_sweep,
                   workers=workers, progress=progress)
+    write_report(res, out)
     print_table(res, file=file)
     if show:
         _show_predictions(res, eval_files[-1], show, file)
@@ -116,22 +115,3 @@ def _show_predictions(res: dict[str, Any], eval_file: str, k: int, file) -> None
             ok = "✓" if p.get("correct") else "✗"
             shown.append(f"{p.get('prompt', '')!r} → {p.get('prediction', '')!r} {ok} (gold {p.get('answer', '')!r})")
         print(f"  {arm:<7} " + "\n          ".join(shown), file=file)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="hatlm-demo", metavar="DIR", help="report folder (default hatlm-demo)")
-    p.add_argument("--steps", type=int, help=f"training steps per run (default {DEMO_TRAIN['steps']})")
-    p.add_argument("--seeds", type=int, default=DEMO_SEEDS, help=f"seeds per arm (default {DEMO_SEEDS})")
-    p.add_argument("--workers", type=int, help="runs trained at once (default: one per available CPU core)")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if (out / "results.json").exists() and args.steps is None:
-        print(f"{out} holds an earlier demo; its finished runs are reused (delete the folder to start over)",
-              file=sys.stderr)
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be a positive integer; got {args.steps}")
-    demo(out, steps=args.steps, seeds=args.seeds, workers=args.workers, progress=not args.no_progress)
-    return 0

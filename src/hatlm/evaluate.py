@@ -1,32 +1,123 @@
-"""Evaluation: greedy exact match for prompt/answer tasks, loss/perplexity for text; `hatlm eval`.
+"""Evaluation, the one place for it: used by `hatlm train` (periodic), `hatlm eval` and `hatlm compare`.
 
-    hatlm eval CHECKPOINT --data FILE [--think-iters N] [--json] [--batch-size N]
+* teacher-forced (`teacher_forced`, `evaluate_text`): loss per answer/continuation token given the
+  gold prefix, and exact match of the argmax (every answer token, EOS included, is what greedy
+  decoding would pick) — cheap, for learning curves and plain text;
+* greedy (`evaluate_examples`): real greedy generation and exact match after stripping whitespace,
+  overall and per task (bAbI: per qaN file; built-in tasks: per level);
+* `evaluate_set` and `chance_floor` score an `EvalSet` (hatlm.datasets) on its kept examples, so
+  that every metric of a compare record is computed on the same examples.
 
-Prompt/answer files (JSONL, bAbI, ProntoQA, ProsQA) are scored by greedy generation and exact match
-after stripping whitespace, overall and per task (bAbI: per qaN file; built-in tasks: per level).
-Plain text files are scored by the mean cross-entropy of the continuation given the prefix
-(windows split at a seeded random point, as in training) and its perplexity.
+Layering: greedy accuracy decodes, so this module sits above hatlm.generate (it imports it; generate
+never imports this).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
-from collections import defaultdict
-from pathlib import Path
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from hatlm.data import Example, TextWindows, encode_example, iter_batches
+from hatlm.data import Example, TextWindows, collate, encode_example
+from hatlm.datasets import EvalSet
 from hatlm.errors import UserError
+
+Row = tuple[list[int], int]  # (token ids incl. BOS, prompt length)
 
 
 def _answer_matches(prediction: str, answer: str) -> bool:
     return prediction.strip() == answer.strip()
+
+
+# ------------------------------------------------------------------------------ teacher-forced
+
+
+def answer_loss(logits: Tensor, input_ids: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed CE over answer tokens, their count, and per-row exact match of the argmax.
+
+    logits [B, L, V] in the causal convention (logits[:, t] predicts input_ids[:, t+1]);
+    target_mask [B, L] True where input_ids is an answer token."""
+    tgt = input_ids[:, 1:]
+    mask = target_mask[:, 1:]
+    pred_logits = logits[:, :-1]
+    sel = pred_logits[mask].float()  # [N, V]: only the answer positions
+    loss_sum = F.cross_entropy(sel, tgt[mask], reduction="sum")
+    hit = (pred_logits.argmax(-1) == tgt) | ~mask  # [B, L-1]
+    return loss_sum, mask.sum(), hit.all(dim=1)
+
+
+def forward_batch(model, batch, device: torch.device, think_iters: int | None, autocast: bool):
+    """(input_ids on device, model output) for a collated Batch; bf16 autocast when asked (GPU)."""
+    ids = batch.input_ids.to(device)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(ids, prompt_lengths=batch.prompt_lengths.to(device), lengths=batch.lengths.to(device),
+                    think_iters=think_iters)
+    return ids, out
+
+
+@torch.no_grad()
+def teacher_forced(model, rows: Sequence[Row], pad_id: int, *, batch_size: int = 64, think_iters: int | None = None,
+                   device: torch.device | None = None, progress: bool = False) -> dict[str, float]:
+    """Loss per target token (the tokens after each row's prompt, each counted once whatever the
+    batching), its perplexity, and teacher-forced exact match per row."""
+    from tqdm import tqdm
+
+    if not rows:
+        raise UserError("no data to evaluate")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1; got {batch_size}")
+    device = device or model.device
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens, correct = 0.0, 0, 0
+    try:
+        with tqdm(total=len(rows), desc="evaluating", unit="row", disable=not progress, leave=False) as bar:
+            for i in range(0, len(rows), batch_size):
+                batch = collate(list(rows[i : i + batch_size]), pad_id)
+                ids, out = forward_batch(model, batch, device, think_iters, device.type == "cuda")
+                ls, nt, hit = answer_loss(out.logits, ids, batch.target_mask.to(device))
+                loss_sum += float(ls)
+                tokens += int(nt)
+                correct += int(hit.sum())
+                bar.update(len(batch.lengths))
+    finally:
+        model.train(was_training)
+    loss = loss_sum / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy_tf": correct / len(rows),
+            "n": len(rows), "tokens": tokens}
+
+
+def evaluate_text(model, tokenizer, data: TextWindows | list[Example] | list[Row], *, batch_size: int = 32,
+                  think_iters: int | None = None, epoch: int = 0, progress: bool = False) -> dict[str, float]:
+    """Mean cross-entropy per continuation token (and its perplexity) with the prompt thought over.
+
+    data: text windows (epoch `epoch`'s cuts), prompt/answer examples (loss on answer + EOS), or
+    rows (ids, prompt_length)."""
+    if isinstance(data, TextWindows):
+        rows = data.rows(epoch)
+    else:
+        rows = [encode_example(r, tokenizer) if isinstance(r, Example) else r for r in data]
+    r = teacher_forced(model, rows, tokenizer.pad_id, batch_size=batch_size, think_iters=think_iters,
+                       progress=progress)
+    return {"loss": r["loss"], "perplexity": r["perplexity"], "tokens": r["tokens"]}
+
+
+def subsample_rows(rows: list[Row], k: int) -> list[Row]:
+    """A fixed, evenly spaced subset of k rows (all when k is 0 or covers them): the same examples
+    at every periodic evaluation and in every run."""
+    if k == 0 or len(rows) <= k:
+        return rows
+    idx = np.linspace(0, len(rows) - 1, k).round().astype(int)
+    return [rows[i] for i in idx]
+
+
+# ------------------------------------------------------------------------------ greedy
 
 
 def evaluate_examples(
@@ -65,14 +156,8 @@ def evaluate_examples(
         with tqdm(total=len(examples), desc="evaluating", unit="ex", disable=not progress, leave=False) as bar:
             for s in range(0, len(order), batch_size):
                 idx = order[s : s + batch_size]
-                out = generate(
-                    model,
-                    tokenizer,
-                    [examples[i].prompt for i in idx],
-                    max_new_tokens=max_new_tokens,
-                    temperature=0.0,
-                    think_iters=think_iters,
-                )
+                out = generate(model, tokenizer, [examples[i].prompt for i in idx], max_new_tokens=max_new_tokens,
+                               temperature=0.0, think_iters=think_iters)
                 for i, text in zip(idx, out.texts):
                     predictions[i] = text
                 bar.update(len(idx))
@@ -94,148 +179,47 @@ def evaluate_examples(
     }
 
 
-def evaluate_text(
-    model,
-    tokenizer,
-    data: TextWindows | list[Example] | list[tuple[list[int], int]],
-    *,
-    batch_size: int = 32,
-    think_iters: int | None = None,
-    epoch: int = 0,
-    progress: bool = False,
-) -> dict[str, float]:
-    """Mean cross-entropy per continuation token (and its perplexity) with the prompt thought over.
+# ------------------------------------------------------------------------------ eval sets
 
-    data: text windows (epoch `epoch`'s cuts), prompt/answer examples (loss on answer + EOS), or
-    rows (ids, prompt_length). Every token after a row's prompt counts once, whatever the batching.
-    """
-    from tqdm import tqdm
 
-    if isinstance(data, TextWindows):
-        rows = data.rows(epoch)
-    else:
-        rows = [encode_example(r, tokenizer) if isinstance(r, Example) else r for r in data]
-    if not rows:
-        raise UserError("no data to evaluate")
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
+def select_examples(ev: EvalSet, max_examples: int | None) -> list[Example]:
+    """The kept examples a greedy evaluation of `ev` uses: the first `max_examples` (None: all)."""
+    exs = ev.examples or []
+    return exs[:max_examples] if max_examples else exs
+
+
+def evaluate_set(model, tokenizer, ev: EvalSet, *, think_iters: int | None, max_examples: int | None = None,
+                 batch_size: int = 64) -> dict[str, Any]:
+    """Greedy exact-match accuracy (prompt/answer) or loss per token (text) of one model on one set."""
+    if ev.examples is None:
+        rows = ev.rows[:max_examples] if max_examples else ev.rows
+        r = teacher_forced(model, rows, tokenizer.pad_id, batch_size=batch_size, think_iters=think_iters)
+        return {"metric": "loss", "loss": r["loss"], "perplexity": r["perplexity"], "n": r["n"], "tokens": r["tokens"]}
+    r = evaluate_examples(model, tokenizer, select_examples(ev, max_examples), batch_size=batch_size,
+                          think_iters=think_iters)
+    return {"metric": "accuracy", "accuracy": float(r["accuracy"]), "n": int(r["n"]),
+            "per_task": {k: dict(v) for k, v in r["per_task"].items()}, "predictions": r["predictions"]}
+
+
+def chance_floor(ev: EvalSet, max_examples: int | None = None) -> tuple[float, str]:
+    """The accuracy a model gets without solving the task, on the examples `evaluate_set` scores.
+
+    Built-in tasks (labels NAME/dK): the task's own chance (a uniform guess among the answers the
+    prompt makes possible), averaged over the examples. Other files: always answering the most
+    frequent answer of the set."""
+    from hatlm import tasks as T
+
+    exs = select_examples(ev, max_examples)
     try:
-        with torch.no_grad(), tqdm(total=len(rows), desc="evaluating", unit="row", disable=not progress) as bar:
-            for batch in iter_batches(rows, batch_size, tokenizer.pad_id):
-                batch = batch.to(model.device)
-                out = model(
-                    batch.input_ids,
-                    prompt_lengths=batch.prompt_lengths,
-                    lengths=batch.lengths,
-                    think_iters=think_iters,
-                )
-                # logits[:, t] predicts input_ids[:, t+1]; the targets are the non-prompt tokens.
-                sel = batch.target_mask[:, 1:]
-                logits = out.logits[:, :-1][sel].float()  # [n_targets, V]
-                targets = batch.input_ids[:, 1:][sel]
-                total += float(F.cross_entropy(logits, targets, reduction="sum"))
-                count += int(sel.sum())
-                bar.update(batch.input_ids.shape[0])
-    finally:
-        model.train(was_training)
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
-
-
-# ---------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a hatlm (or Hugging Face Mistral) checkpoint folder")
-    parser.add_argument("--data", required=True, type=Path, help="data file: .jsonl, bAbI .txt, ProntoQA/ProsQA "
-                        ".json, or plain text")  # fmt: skip
-    parser.add_argument("--think-iters", type=int, default=None,
-                        help="hybrid: thinking iterations (default: the checkpoint's max_think_iters)")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples (or windows)")
-    parser.add_argument("--window", type=int, default=256, help="plain text: tokens per window (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="plain text: seed of the window split points")
-    parser.add_argument("--show", type=int, default=5, help="print the first N predictions (default 5; 0: none)")
-    parser.add_argument("--predictions", type=Path, default=None,
-                        help="write every prediction to this JSONL file")  # fmt: skip
-
-
-def _load(checkpoint: str):
-    import hatlm
-    from hatlm.tokenizer import load_tokenizer
-
-    path = Path(checkpoint)
-    if not path.is_dir():
-        raise UserError(f"{checkpoint}: no such checkpoint folder")
-    if not (path / "config.json").exists():
-        raise UserError(f"{path}: no config.json; expected a hatlm or Hugging Face Mistral checkpoint folder")
-    model = hatlm.load(path)
-    tokenizer = load_tokenizer(path)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UserError(
-            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}; "
-            "put the checkpoint's own tokenizer file in its folder"
-        )
-    return model.float(), tokenizer
-
-
-def run(args: argparse.Namespace) -> int:
-    from hatlm.data import _atomic_write_text, detect_format, load_examples
-
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1; got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be >= 1; got {args.limit}")
-    if args.think_iters is not None and args.think_iters < 0:
-        raise UserError(f"--think-iters must be >= 0; got {args.think_iters}")
-    fmt = detect_format(args.data)  # checks the data file before the (slower) model load
-    model, tokenizer = _load(args.checkpoint)
-    if args.think_iters is not None and model.arm != "hybrid":
-        raise UserError(f"--think-iters applies to the hybrid arm; {args.checkpoint} is the {model.arm!r} arm")
-    think = args.think_iters if args.think_iters is not None else (
-        model.config.hybrid.max_think_iters if model.arm == "hybrid" else None)  # fmt: skip
-    result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "data": str(args.data), "format": fmt,
-                              "arm": model.arm, "think_iters": think}  # fmt: skip
-    progress = sys.stderr.isatty()
-    if fmt == "text":
-        limit = model.config.max_position_embeddings - model.config.num_thought_slots
-        if not 3 <= args.window <= limit:
-            raise UserError(f"--window must be in [3, {limit}] for this model; got {args.window}")
-        windows = TextWindows(args.data, tokenizer, args.window, args.seed)
-        rows = windows.rows(0)[: args.limit]
-        result.update(evaluate_text(model, tokenizer, rows, batch_size=args.batch_size, think_iters=args.think_iters,
-                                    progress=progress))  # fmt: skip
-        result["windows"] = len(rows)
-    else:
-        examples = load_examples(args.data, fmt)[: args.limit]
-        r = evaluate_examples(model, tokenizer, examples, batch_size=args.batch_size, think_iters=args.think_iters,
-                              progress=progress)  # fmt: skip
-        predictions = r.pop("predictions")
-        result.update(r)
-        if args.predictions is not None:
-            _atomic_write_text(args.predictions, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    head = f"{args.checkpoint} ({model.arm}" + (f", {think} thinking iterations" if think is not None else "") + ")"
-    print(f"{head} on {args.data} [{fmt}]")
-    if fmt == "text":
-        print(f"  loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
-              f"over {result['tokens']} continuation tokens in {result['windows']} windows")  # fmt: skip
-        return 0
-    n_ok = round(result["accuracy"] * result["n"])
-    print(f"  accuracy {100 * result['accuracy']:.1f}%  ({n_ok}/{result['n']} exact match)")
-    if len(result["per_task"]) > 1:
-        width = max(len(t) for t in result["per_task"])
-        for task, v in result["per_task"].items():
-            print(f"    {task or '(no task)':<{width}}  {100 * v['accuracy']:5.1f}%  (n={v['n']})")
-    for p in predictions[: max(0, args.show)]:
-        mark = "ok " if p["correct"] else "no "
-        print(f"  {mark} {_clip(p['prompt'])!r} → {p['prediction']!r} (answer {p['answer']!r})")
-    return 0
-
-
-def _clip(text: str, n: int = 60) -> str:
-    return text if len(text) <= n else "…" + text[-(n - 1) :]
+        vals = []
+        for ex in exs:
+            name, d = ex.task.split("/d")
+            vals.append(T.chance_accuracy(name, int(d)))
+        if vals:
+            return float(np.mean(vals)), "uniform guess among the answers the prompt allows"
+    except (ValueError, UserError, KeyError):
+        pass
+    if not exs:
+        return float("nan"), "n/a"
+    answer, c = Counter(e.answer.strip() for e in exs).most_common(1)[0]
+    return c / len(exs), f"always answering the most frequent answer ({answer!r})"

@@ -12,7 +12,8 @@ padded square (what SDPA computes with an explicit boolean mask, and what
 
 An example is a prompt of n tokens (BOS included) and an answer of k tokens (EOS included):
   causal: N + K decoder layers over n + k positions
-  pause:  N + K decoder layers over n + m + k positions (m pause positions)
+  pause:  N + K decoder layers over n + m + k positions (m pause positions, read through the gated
+          extra attention: see `_extra_pairs`)
   hybrid: thinker K layers × T iterations over n + m positions (plus the similarity re-weighting and
           gate), the prompt refinement projection, then N decoder layers over n + m + k positions
 Training ≈ 3 × forward (the backward pass costs about twice the forward).
@@ -83,13 +84,28 @@ def think_flops(config: ModelConfig, prompt_len: int, think_iters: int | None = 
     return flops
 
 
-def decoder_flops(config: ModelConfig, n_positions: int, prompt_positions: int, attention: str = "causal") -> int:
-    """The decoder layers over `n_positions` (LM head not included)."""
+def _extra_pairs(n: int, k: int, m: int, bidirectional_prefix: bool) -> int:
+    """(query, key) pairs of a decoder pass over [prompt n ; m extras ; text k] beyond the tokens' own:
+    extras reading the prompt, and the gated reads of the extras by the text, the
+    last prompt token (all prompt tokens with a bidirectional prefix) and the extras before them."""
+    if m == 0:
+        return 0
+    readers = k + (n if bidirectional_prefix else 1)
+    return n * m + readers * m + m * (m + 1) // 2  # extras read the whole prompt (no window for them)
+
+
+def decoder_flops(config: ModelConfig, n_tokens: int, prompt_len: int, attention: str = "causal") -> int:
+    """The decoder layers over `n_tokens` token positions (prompt_len of them the prompt) plus the
+    arm's m extra positions (LM head not included)."""
+    m = config.num_thought_slots
+    n_positions = n_tokens + m
+    prefix = config.hybrid.decoder_prefix == "bidirectional" and config.arm != "causal"
     if attention == "dense":
-        pairs = n_positions * n_positions
+        # Every pair of the padded square, once per attention call (tokens, and the extras' own call).
+        pairs = n_positions * n_positions * (2 if m else 1)
     else:
-        prefix = prompt_positions if config.hybrid.decoder_prefix == "bidirectional" and config.arm != "causal" else 0
-        pairs = _decoder_pairs(n_positions, config.sliding_window, prefix)
+        pairs = _decoder_pairs(n_tokens, config.sliding_window, prompt_len if prefix else 0)
+        pairs += _extra_pairs(prompt_len, n_tokens - prompt_len, m, prefix)
     per_layer = layer_matmul_flops_per_position(config) * n_positions + attention_flops_per_pair(config) * pairs
     return config.decoder_layers * per_layer
 
@@ -108,10 +124,9 @@ def forward_flops(
 ) -> int:
     """One forward pass as in training: logits at all prompt_len + answer_len token positions."""
     _check(config, prompt_len, answer_len, think_iters, attention)
-    m = config.num_thought_slots
     L = prompt_len + answer_len
     flops = think_flops(config, prompt_len, think_iters, attention)
-    flops += decoder_flops(config, L + m, prompt_len + m, attention)
+    flops += decoder_flops(config, L, prompt_len, attention)
     return flops + lm_head_flops(config, L)
 
 
@@ -136,11 +151,11 @@ def inference_flops_per_example(
     attention: str = "causal",
 ) -> int:
     """Generating an answer of `answer_len` tokens with a KV cache: thinking once, the decoder over
-    prompt + slots + answer (each position once), and the LM head only where a token is chosen."""
+    prompt + slots + the answer tokens fed back (the last chosen token is never fed: answer_len − 1),
+    each position once, and the LM head only where a token is chosen."""
     _check(config, prompt_len, answer_len, think_iters, attention)
-    m = config.num_thought_slots
     flops = think_flops(config, prompt_len, think_iters, attention)
-    flops += decoder_flops(config, prompt_len + m + answer_len, prompt_len + m, attention)
+    flops += decoder_flops(config, prompt_len + max(answer_len - 1, 0), prompt_len, attention)
     return flops + lm_head_flops(config, answer_len)
 
 

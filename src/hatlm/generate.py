@@ -10,41 +10,40 @@ Every row of a batch has the layout [prompt ; thoughts ; generated] at positions
 padding holes, and its own query positions and key length in the attention mask, so a batch of
 prompts of different lengths gives each row its single-prompt result (no left padding).
 
-Speed. Prefill goes through the model's own layers (`HatLM.run_layers`). The decode step is a
-functional re-statement of the same Mistral layer that reads the model's weights directly: no module
-calls, q/k/v and gate/up projections fused into one matrix product each (for models small enough
-that the concatenated copies do not matter), RoPE from a table, the query heads of a key/value group
-laid out as that group's queries (no GQA key expansion), attention over the used part of the cache
-only, and no mask at all while every row sits at the same position (the common batch-1 case). The
-tests pin this path to the model's full recomputation (exact greedy tokens, logits ≤ 1e-5).
+Speed. Prefill and the decode step both go through the model's own layers (`layers.Block`): prefill
+as a full pass writing the cache, decode as `Block.decode` for one new position per row — RoPE from a
+table, the query heads of a key/value group laid out as that group's queries (no GQA key expansion),
+attention over the used part of the cache only, no mask while every row sits at the same position
+(the common batch-1 case), and, for plain `nn.Linear` projections of a model small enough, q/k/v and
+gate/up multiplied as one matrix each. The tests pin this path to the model's full recomputation
+(exact greedy tokens, logits ≤ 1e-5); a LoRA-wrapped projection is called as a module, so decode
+honours unmerged adapters.
+
+Two entry points: `generate(model, tokenizer, prompts, …)` (texts, streaming, statistics) and
+`generate_ids(model, input_ids, …)`, the transformers-style call behind `model.generate(input_ids, …)`.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from hatlm.errors import UserError
+from hatlm.layers import DecodePosition
 from hatlm.masks import to_sdpa_mask
+from hatlm.thinking import check_refine_options, refine_thoughts
+from hatlm.tokenizer import StreamDecoder
 
 # Fuse q/k/v (and gate/up) weights into one matrix per layer only below this many bytes of
 # projection weights: the fused copies double that memory, which is fine for tiny models and not
 # for Mistral 7B on a GPU (where the matrix products dominate and fusion gains little anyway).
 FUSE_MAX_BYTES = 512 * 2**20
-
-REFINE_OBJECTIVES = ("entropy", "reread")
 
 
 @dataclass
@@ -62,26 +61,15 @@ class GenerationResult:
 # ------------------------------------------------------------------------------------ decode state
 
 
-def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    """The model's RMSNorm without the module call (float32: F.rms_norm is bitwise the same)."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), w, eps)
-    x32 = x.float()
-    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
 class _Decoder:
-    """The preallocated KV cache plus a fast single-token decode step for one batch."""
+    """The preallocated KV cache of one batch, prefill through the model's layers, and the
+    single-token decode step through the same layers (`Block.decode`)."""
 
     def __init__(self, model, batch: int, max_len: int) -> None:
         c = model.config
         self.model = model
         self.batch = batch
-        self.max_len = max_len
-        self.H, self.Hkv, self.D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.G = self.H // self.Hkv
-        self.d = c.hidden_size
-        self.eps = c.rms_norm_eps
+        self.Hkv, self.D = c.num_key_value_heads, c.head_dim
         self.window = c.sliding_window
         self.caches = model.setup_caches(batch, max_len)
         dev, dt = model.device, model.dtype
@@ -100,92 +88,44 @@ class _Decoder:
             for p in (*blk.self_attn.parameters(), *blk.mlp.gate_proj.parameters(), *blk.mlp.up_proj.parameters())
         )
         fuse = proj_bytes <= FUSE_MAX_BYTES
-        self.layers = []
-        for blk in layers:
-            a, mlp = blk.self_attn, blk.mlp
-            if fuse:
-                qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], dim=0)
-                gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0)
-            else:
-                qkv = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
-                gu = (mlp.gate_proj.weight, mlp.up_proj.weight)
-            self.layers.append(
-                (
-                    blk.input_layernorm.weight,
-                    qkv,
-                    a.o_proj.weight,
-                    blk.post_attention_layernorm.weight,
-                    gu,
-                    mlp.down_proj.weight,
-                )
-            )
-        self.embed = model.decoder.embed_tokens.weight
-        self.norm = model.decoder.norm.weight
-        self.lm_head = model.lm_head.weight
+        self.fused = [blk.fused_weights() if fuse else None for blk in layers]
 
     # ---------------------------------------------------------------- prefill (the model's own layers)
-    def prefill(self, x: Tensor, prompt_lengths: Tensor, seq_lengths: Tensor, prefix: bool) -> Tensor:
-        """Run the decoder over x [B, N, d] (right-padded rows of seq_lengths[b] positions), filling
-        the cache at positions 0..N−1 → logits [B, V] at each row's last valid position."""
-        model = self.model
-        B, N, _ = x.shape
-        positions = torch.arange(N, device=x.device).expand(B, N)
-        fn = model.decoder_mask_fn(positions, seq_lengths, prompt_lengths if prefix else None)
-        mask = model.build_mask(fn, B, N, N)
-        h = model.run_layers(model.decoder.layers, x, positions, mask, self.caches)
-        last = (seq_lengths - 1).view(B, 1, 1).expand(B, 1, h.shape[-1])
-        return model.logits_from_hidden(h.gather(1, last)[:, 0])
+    def prefill(self, x: Tensor, prompt_lengths: Tensor | None, seq_lengths: Tensor, last: Tensor) -> Tensor:
+        """Run the decoder over x [B, N, d] (see `HatLM.decoder_pass`), filling the cache
+        → logits [B, V] at each row's entry `last[b]` (its last token)."""
+        h = self.model.decoder_pass(x, prompt_lengths, seq_lengths, self.caches)
+        B = x.shape[0]
+        at = last.view(B, 1, 1).expand(B, 1, h.shape[-1])
+        return self.model.logits_from_hidden(h.gather(1, at)[:, 0])
 
     # ---------------------------------------------------------------- one decode step
-    def step(self, tokens: Tensor, pos: list[int]) -> Tensor:
-        """Feed tokens [B] at positions pos (host ints, one per row) → next-token logits [B, V]."""
-        B, H, Hkv, G, D, eps = self.batch, self.H, self.Hkv, self.G, self.D, self.eps
-        x = F.embedding(tokens, self.embed)  # [B, d]
+    def position(self, pos: list[int]) -> DecodePosition:
+        """Where this step's tokens go: pos holds one host int per row."""
         p0 = pos[0]
-        uniform = all(p == p0 for p in pos)
-        if uniform:
+        if all(p == p0 for p in pos):
             # Every row at the same position: attend over a slice of the cache, no mask needed.
-            cos, sin = self.cos[p0], self.sin[p0]  # [D]
             hi = p0 + 1
             lo = max(0, hi - self.window) if self.window is not None else 0
-            mask = None
-        else:
-            pt = torch.tensor(pos, device=self.device)
-            cos, sin = self.cos[pt][:, None], self.sin[pt][:, None]  # [B, 1, D]
-            hi, lo = max(pos) + 1, 0
-            # The decoder's own mask predicate for these query positions and key lengths.
-            fn = self.model.decoder_mask_fn(pt[:, None], pt + 1, None)
-            mask = to_sdpa_mask(fn, B, 1, hi, self.device)  # [B, 1, 1, hi]; broadcasts over the G queries
-            idx = pt.view(B, 1, 1, 1).expand(B, Hkv, 1, D)
-        nqk = (H + Hkv) * D
-        for (ln1, qkv_w, o_w, ln2, gu_w, down_w), cache in zip(self.layers, self.caches):
-            h = _rms(x, ln1, eps)
-            if isinstance(qkv_w, tuple):
-                qkv = torch.cat([F.linear(h, w) for w in qkv_w], dim=-1)
-            else:
-                qkv = F.linear(h, qkv_w)  # [B, (H + 2 Hkv) D]
-            qk = qkv[:, :nqk].view(B, H + Hkv, D)
-            qk = qk * cos + qk.roll(D // 2, -1) * sin
-            # Query head h uses key/value head h // G, so the G heads of a group become G queries
-            # of that group: [B, H, D] → [B, Hkv, G, D].
-            q = qk[:, :H].reshape(B, Hkv, G, D)
-            k = qk[:, H:]  # [B, Hkv, D]
-            v = qkv[:, nqk:].view(B, Hkv, D)
-            if uniform:
-                cache.k[:, :, p0] = k
-                cache.v[:, :, p0] = v
-            else:
-                cache.k.scatter_(2, idx, k[:, :, None])
-                cache.v.scatter_(2, idx, v[:, :, None])
-            o = F.scaled_dot_product_attention(q, cache.k[:, :, lo:hi], cache.v[:, :, lo:hi], attn_mask=mask)
-            x = x + F.linear(o.reshape(B, H * D), o_w)
-            h = _rms(x, ln2, eps)
-            if isinstance(gu_w, tuple):
-                g, u = F.linear(h, gu_w[0]), F.linear(h, gu_w[1])
-            else:
-                g, u = F.linear(h, gu_w).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(g) * u, down_w)
-        return F.linear(_rms(x, self.norm, eps), self.lm_head)
+            return DecodePosition(self.cos[p0], self.sin[p0], p0, lo, hi)
+        B = self.batch
+        pt = torch.tensor(pos, device=self.device)
+        hi = max(pos) + 1
+        # The decoder's own mask predicate for these query positions and key lengths.
+        fn = self.model.decoder_mask_fn(pt[:, None], pt + 1)
+        mask = to_sdpa_mask(fn, B, 1, hi, self.device)  # [B, 1, 1, hi]; broadcasts over the G queries
+        index = pt.view(B, 1, 1, 1).expand(B, self.Hkv, 1, self.D)
+        return DecodePosition(self.cos[pt][:, None], self.sin[pt][:, None], None, 0, hi, index, mask)
+
+    def step(self, tokens: Tensor, pos: list[int]) -> Tensor:
+        """Feed tokens [B] at positions pos (host ints, one per row) → next-token logits [B, V]."""
+        model = self.model
+        at = self.position(pos)
+        x = model.decoder.embed_tokens(tokens)  # [B, d]
+        gates = model.thought_gate if model.thought_gate is not None else [None] * len(self.caches)
+        for blk, cache, fused, gate in zip(model.decoder.layers, self.caches, self.fused, gates):
+            x = blk.decode(x, at, cache, fused, gate)
+        return model.logits_from_hidden(x)
 
 
 # ------------------------------------------------------------------------------------ thinking
@@ -198,118 +138,6 @@ def _pad_rows(rows: Sequence[Sequence[int]], device) -> tuple[Tensor, Tensor]:
     for b, r in enumerate(rows):
         ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
     return ids.to(device), torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)
-
-
-def _thought_index(prompt_lengths: Tensor, m: int) -> Tensor:
-    return prompt_lengths[:, None] + torch.arange(m, device=prompt_lengths.device)  # [B, m]
-
-
-def _with_thoughts(think, thoughts: Tensor):
-    """A ThinkResult whose thought positions hold `thoughts` [B, m, d] (differentiable in them)."""
-    B, m, d = thoughts.shape
-    idx = _thought_index(think.prompt_lengths, m)[..., None].expand(B, m, d)
-    return dataclasses.replace(think, z=think.z.scatter(1, idx, thoughts))
-
-
-def refine_objective(model, ids: Tensor, prompt_lengths: Tensor, think, thoughts: Tensor, objective: str) -> Tensor:
-    """The per-row objective [B] that gradient refinement lowers, as a function of the thoughts.
-
-    "entropy": entropy (nats) of the decoder's next-token distribution at the last thought position,
-        i.e. of the first answer token. The decoder is causal, so this is the position where the
-        thoughts act; lowering it makes the model more decisive about how to begin (test-time
-        entropy minimisation).
-    "reread": mean negative log-likelihood of the decoder re-reading the prompt (without its first
-        token) after [prompt ; thoughts]: how well the thoughts let the decoder reproduce the prompt.
-
-    ids [B, P] right-padded prompts, prompt_lengths [B]; think from `model.think` on them.
-    """
-    m = thoughts.shape[1]
-    B = ids.shape[0]
-    think = _with_thoughts(think, thoughts)
-    n = prompt_lengths
-    if objective == "entropy":
-        seq = ids
-        lengths = n + m
-    elif objective == "reread":
-        # Row b: prompt p_1..p_n, then p_2..p_n again → [B, 2n−1] right-padded.
-        L = int((2 * n - 1).max())
-        j = torch.arange(L, device=ids.device)[None, :]
-        src = torch.where(j < n[:, None], j, j - n[:, None] + 1).clamp(max=ids.shape[1] - 1)
-        seq = ids.gather(1, src)
-        lengths = 2 * n - 1 + m
-    else:
-        raise UserError(f"refine objective must be one of {', '.join(REFINE_OBJECTIVES)}; got {objective!r}")
-    x = model.decoder_inputs(seq, n, think)  # [B, L+m, d]
-    N = x.shape[1]
-    positions = torch.arange(N, device=x.device).expand(B, N)
-    fn = model.decoder_mask_fn(positions, lengths, n)
-    h = model.run_layers(model.decoder.layers, x, positions, model.build_mask(fn, B, N, N))
-    if objective == "entropy":
-        last = (n + m - 1).view(B, 1, 1).expand(B, 1, h.shape[-1])
-        logp = F.log_softmax(model.logits_from_hidden(h.gather(1, last)[:, 0]).float(), dim=-1)
-        return -(logp.exp() * logp).sum(-1)
-    # Re-read: decoder position n+m−1+i predicts re-read token i+2 (i = 0..n−2), found at seq[n+i].
-    T = int((n - 1).max())
-    if T == 0:
-        return torch.zeros(B, device=x.device)
-    i = torch.arange(T, device=x.device)[None, :]
-    valid = i < (n - 1)[:, None]
-    hpos = (n[:, None] + m - 1 + i).clamp(max=N - 1)
-    tgt = seq.gather(1, (n[:, None] + i).clamp(max=seq.shape[1] - 1))
-    hs = h.gather(1, hpos[..., None].expand(B, T, h.shape[-1]))
-    logp = F.log_softmax(model.logits_from_hidden(hs).float(), dim=-1)
-    nll = -logp.gather(-1, tgt[..., None])[..., 0]
-    return (nll * valid).sum(1) / valid.sum(1).clamp(min=1)
-
-
-def refine_thoughts(
-    model, ids: Tensor, prompt_lengths: Tensor, think, steps: int, lr: float, objective: str = "entropy"
-) -> tuple[Any, Tensor, Tensor]:
-    """Gradient refinement of the thought vectors (DESIGN.md §1.2); the weights stay frozen.
-
-    Method: normalised gradient descent per row with backtracking. Each step moves the row's thoughts
-    t (all m vectors together) by lr·‖t‖ along −∇/‖∇‖ of `refine_objective`; a step that does not
-    lower the objective is rejected and that row's step size halves. So the objective never rises,
-    and the step is relative to the thoughts' own scale (no unit to tune). Gradients are taken with
-    `torch.autograd.grad` with respect to the thoughts only: no parameter's `.grad` is touched.
-
-    Returns (think with refined thoughts, objective before [B], objective after [B]).
-    """
-    m = model.config.num_thought_slots
-    with torch.inference_mode(False), torch.enable_grad():
-        # Tensors made under inference mode cannot enter autograd: take normal copies.
-        think = dataclasses.replace(
-            think,
-            z=think.z.clone(),
-            z0=think.z0.clone(),
-            prompt_lengths=think.prompt_lengths.clone(),
-        )
-        ids, n = ids.clone(), prompt_lengths.clone()
-        B = ids.shape[0]
-
-        def evaluate(t: Tensor) -> tuple[Tensor, Tensor]:
-            t = t.detach().requires_grad_(True)
-            obj = refine_objective(model, ids, n, think, t, objective)
-            (grad,) = torch.autograd.grad(obj.sum(), [t])  # rows are independent: sum = per-row grads
-            return obj.detach(), grad
-
-        best = think.thoughts(m).detach()
-        best_obj, grad = evaluate(best)
-        before = best_obj.clone()
-        step = torch.full((B,), float(lr), device=best.device)
-        for _ in range(steps):
-            gnorm = grad.flatten(1).norm(dim=1).clamp(min=1e-30)
-            tnorm = best.flatten(1).norm(dim=1)
-            cand = best - (step * tnorm / gnorm)[:, None, None] * grad
-            obj, g = evaluate(cand)
-            ok = obj < best_obj
-            best = torch.where(ok[:, None, None], cand, best)
-            best_obj = torch.where(ok, obj, best_obj)
-            grad = torch.where(ok[:, None, None], g, grad)
-            step = torch.where(ok, step, step / 2)
-        refined = _with_thoughts(think, best.detach())
-        refined = dataclasses.replace(refined, z=refined.z.detach(), z0=think.z0.detach())
-    return refined, before, best_obj
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -354,8 +182,6 @@ class _RowText:
     stop string may still swallow (pieces streamed always concatenate to the final text)."""
 
     def __init__(self, tokenizer, stop: list[str], stream: Callable[[int, str], None] | None, row: int) -> None:
-        from hatlm.tokenizer import StreamDecoder
-
         self.sd = StreamDecoder(tokenizer)
         self.stop = stop
         self.stream = stream
@@ -451,21 +277,7 @@ def _check_options(model, max_new_tokens, temperature, top_k, top_p, repetition_
             raise UserError(f"rethink_every must be >= 1 (or None to disable); got {rethink_every}")
         if model.arm != "hybrid":
             raise UserError(f"rethink_every needs the hybrid arm (it re-runs the thinker); this model is {model.arm!r}")
-    if refine_steps < 0:
-        raise UserError(f"refine_steps must be >= 0; got {refine_steps}")
-    if refine_steps:
-        if model.arm != "hybrid":
-            raise UserError(
-                f"refine_steps needs the hybrid arm (it refines thought vectors); this model is {model.arm!r}"
-            )
-        if model.config.num_thought_slots == 0:
-            raise UserError("refine_steps needs thought slots; this model has thought_slots=0")
-        if refine_lr <= 0:
-            raise UserError(f"refine_lr must be > 0; got {refine_lr}")
-        if refine_objective_name not in REFINE_OBJECTIVES:
-            raise UserError(
-                f"refine_objective must be one of {', '.join(REFINE_OBJECTIVES)}; got {refine_objective_name!r}"
-            )
+    check_refine_options(model, refine_steps, refine_lr, refine_objective_name)
 
 
 def _sync_every(device: torch.device, needs_text: bool) -> int:
@@ -499,6 +311,7 @@ def generate(
     stream: Callable[[int, str], None] | None = None,
     ignore_eos: bool = False,
     output_logits: bool = False,
+    eos_token_id: int | None = None,
 ) -> GenerationResult:
     """Generate continuations of `prompts` with any arm (causal, pause, hybrid).
 
@@ -549,7 +362,10 @@ def generate(
         seeds = [int(seed)] * B
     else:
         seeds = torch.randint(0, 2**62, (B,)).tolist()
-    eos = cfg.eos_token_id if tokenizer is None else tokenizer.eos_id
+    if eos_token_id is not None:
+        eos = int(eos_token_id)
+    else:
+        eos = cfg.eos_token_id if tokenizer is None else tokenizer.eos_id
     device = model.device
     was_training = model.training
     model.eval()
@@ -611,8 +427,11 @@ def _generate(model, tokenizer, rows, max_new_tokens, max_len, eos, device, t_st
                         shift = float((thoughts[b] - old).norm() / old.norm().clamp(min=1e-30))
                         stats[b]["thought_shifts"].append(shift)
                 prev_thoughts[b] = thoughts[b]
-        logits = dec.prefill(x, n, n + m, prefix=arm != "causal")
-        return logits, [len(s) + m for s in seqs]
+        if arm == "causal":
+            logits = dec.prefill(x, None, n, n - 1)
+        else:
+            logits = dec.prefill(x, n, n + m, n - 1)  # the last token reads the thoughts, not the reverse
+        return logits, [len(s) for s in seqs]
 
     generated: list[list[int]] = [[] for _ in range(B)]
     logit_rows: list[list[Tensor]] | None = [[] for _ in range(B)] if output_logits else None
@@ -704,130 +523,91 @@ def _generate(model, tokenizer, rows, max_new_tokens, max_len, eos, device, t_st
     return GenerationResult(generated, out_texts, stats, logits_out)
 
 
-# ------------------------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------------------------ transformers-style entry
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="CHECKPOINT_OR_PRESET", help="checkpoint folder or preset name")
-    parser.add_argument("prompt", nargs="?", help="prompt text (or use --file)")
-    parser.add_argument("--file", type=Path, help="a text file with one prompt per line")
-    parser.add_argument("--json", action="store_true", help="print results and thinking statistics as JSON")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    parser.add_argument("--think-iters", type=int, default=None, help="thinking iterations (hybrid)")
-    parser.add_argument("--halting-threshold", type=float, default=None, help="halting epsilon (hybrid)")
-    parser.add_argument("--rethink-every", type=int, default=None, help="re-think every R tokens (hybrid)")
-    parser.add_argument("--refine-steps", type=int, default=0, help="gradient refinement steps (hybrid)")
-    parser.add_argument("--refine-lr", type=float, default=0.1, help="relative refinement step size")
-    parser.add_argument("--refine-objective", choices=REFINE_OBJECTIVES, default="entropy")
-    parser.add_argument("--arm", choices=("causal", "pause", "hybrid"), default=None, help="arm (presets only)")
-    parser.add_argument("--batch-size", type=int, default=1, help="prompts per batch with --file")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+def generate_ids(
+    model,
+    input_ids: Tensor,
+    max_new_tokens: int = 20,
+    *,
+    attention_mask: Tensor | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    seed: int | list[int] | None = None,
+    **options: Any,
+) -> Tensor:
+    """`model.generate(input_ids, ...)` as a transformers user types it → LongTensor [B, L + new].
 
-
-def _load_model_and_tokenizer(name: str, arm: str | None, device: str):
-    import hatlm
-    from hatlm.config import PRESETS
-    from hatlm.tokenizer import ByteTokenizer, load_tokenizer
-
-    if name in PRESETS:
-        overrides: dict[str, Any] = {} if arm is None else {"arm": arm}
-        torch.manual_seed(0)  # a preset has random weights: make them the same on every run
-        model = hatlm.load(name, **overrides)
-        tok = ByteTokenizer() if model.config.vocab_size == ByteTokenizer.vocab_size else load_tokenizer(None)
-    else:
-        path = Path(name).expanduser()
-        if not path.exists():
-            raise UserError(f"{name!r} is neither a checkpoint folder nor a preset (presets: {', '.join(PRESETS)})")
-        if arm is not None:
-            raise UserError("--arm applies to presets only; a checkpoint carries its own arm")
-        model = hatlm.load(path)  # the checkpoint loader explains what is wrong with a folder
-        tok = load_tokenizer(path)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(
-            f"the tokenizer has {tok.vocab_size} tokens but the model only {model.config.vocab_size}; "
-            "put the checkpoint's own tokenizer file in its folder"
-        )
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    return model.to(device=device, dtype=dtype), tok
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.file is not None and args.prompt is not None:
-        raise UserError("give either a prompt or --file, not both")
-    if args.file is not None:
-        try:
-            lines = args.file.read_text(encoding="utf-8").splitlines()
-        except OSError as e:
-            raise UserError(f"cannot read --file {args.file}: {e.strerror}") from None
-        prompts = [ln for ln in lines if ln.strip()]
-        if not prompts:
-            raise UserError(f"{args.file} has no prompts (one per line expected)")
-    elif args.prompt is None:
-        raise UserError("no prompt: give one as an argument or use --file prompts.txt")
-    else:
-        if not args.prompt.strip():
-            raise UserError("the prompt is empty; give some text to continue")
-        prompts = [args.prompt]
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1; got {args.batch_size}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is available here")
-    model, tok = _load_model_and_tokenizer(args.model, args.arm, device)
-
-    out = sys.stdout
-    streaming = not args.json and args.batch_size == 1
-
-    def on_piece(row: int, piece: str) -> None:
-        out.write(piece)
-        out.flush()
-
-    options = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, think_iters=args.think_iters,
-        halting_threshold=args.halting_threshold, rethink_every=args.rethink_every, refine_steps=args.refine_steps,
-        refine_lr=args.refine_lr, refine_objective=args.refine_objective,
+    input_ids [B, L] with an optional 0/1 `attention_mask` [B, L] (left or right padding: each row's
+    tokens must be contiguous). Returns each row's input as given followed by its new tokens (the EOS
+    that ended a row included), rows that ended early filled with `pad_token_id` (default: the
+    config's pad id, else EOS), like transformers. do_sample=False is greedy whatever the temperature;
+    other hatlm options (think_iters, rethink_every, refine_steps, …) pass through to `generate`.
+    """
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise UserError(f"input_ids must be an integer tensor [batch, seq]; got {shape}")
+    B, L = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (B, L):
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+        raise UserError(f"attention_mask must have the shape of input_ids {(B, L)}; got {got}")
+    keep = attention_mask.bool().cpu()
+    ids_cpu = input_ids.cpu()
+    rows = []
+    for b in range(B):
+        where = keep[b].nonzero().flatten()
+        if where.numel() == 0:
+            raise UserError(f"row {b} of attention_mask is all zeros: nothing to continue")
+        lo, hi = int(where[0]), int(where[-1]) + 1
+        if hi - lo != where.numel():
+            raise UserError(f"row {b} of attention_mask has holes; each row's tokens must be contiguous")
+        rows.append(ids_cpu[b, lo:hi].tolist())
+    if options.pop("eos", None) is not None:
+        raise UserError("pass eos_token_id, not eos")
+    cfg = model.config
+    eos = cfg.eos_token_id if eos_token_id is None else int(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else eos)
+    res = generate(
+        model, None, rows, max_new_tokens, temperature=float(temperature) if do_sample else 0.0, top_k=top_k,
+        top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos, **options,
     )  # fmt: skip
-    results = []
-    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    progress = None
-    if len(batches) > 1 and not streaming:
-        from tqdm import tqdm
+    new = [t + ([eos] if st["stop_reason"] == "eos" else []) for t, st in zip(res.tokens, res.stats)]
+    width = max(len(t) for t in new)
+    out = torch.full((B, L + width), int(pad), dtype=input_ids.dtype, device=input_ids.device)
+    out[:, :L] = input_ids
+    for b, t in enumerate(new):
+        if t:
+            out[b, L : L + len(t)] = torch.tensor(t, dtype=input_ids.dtype, device=input_ids.device)
+    return out
 
-        progress = tqdm(total=len(prompts), desc="generate", unit="prompt", file=sys.stderr)
-    for batch in batches:
-        if streaming and len(prompts) > 1:
-            out.write(f"### {batch[0]}\n")
-        res = generate(model, tok, batch, stream=on_piece if streaming else None, **options)
-        if streaming:
-            out.write("\n")
-        elif not args.json:
-            for p, text in zip(batch, res.texts):
-                out.write(f"### {p}\n{text}\n" if len(prompts) > 1 else text + "\n")
-        for p, toks, text, st in zip(batch, res.tokens, res.texts, res.stats):
-            results.append({"prompt": p, "text": text, "tokens": toks, "stats": st})
-        if progress is not None:
-            progress.update(len(batch))
-    if progress is not None:
-        progress.close()
-    if args.json:
-        json.dump({"model": args.model, "arm": model.arm, "options": options, "results": results}, out, indent=2)
-        out.write("\n")
-    out.flush()
-    return 0
+
+def dispatch(model, *args: Any, **kwargs: Any):
+    """`HatLM.generate`: token-id tensors → `generate_ids`; a tokenizer (or None) and prompts → `generate`."""
+    first = args[0] if args else kwargs.get("input_ids", kwargs.get("tokenizer", kwargs.get("prompts")))
+    if isinstance(first, Tensor):
+        if args:
+            return generate_ids(model, *args, **kwargs)
+        return generate_ids(model, kwargs.pop("input_ids"), **kwargs)
+    if "input_ids" in kwargs:
+        raise UserError(f"input_ids must be an integer tensor [batch, seq]; got {type(kwargs['input_ids']).__name__}")
+    if first is None or (hasattr(first, "encode") and hasattr(first, "decode") and not isinstance(first, str)):
+        return generate(model, *args, **kwargs)
+    raise UserError(
+        "model.generate takes either a token-id tensor (model.generate(input_ids, max_new_tokens=…)) or a "
+        f"tokenizer and prompts (model.generate(tokenizer, ['text', …], …)); got {type(first).__name__} first"
+    )
 
 
 __all__ = [
     "GenerationResult",
     "generate",
-    "refine_objective",
-    "refine_thoughts",
-    "add_arguments",
-    "run",
+    "generate_ids",
 ]

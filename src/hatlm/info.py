@@ -6,14 +6,12 @@ milliseconds and no memory; for a checkpoint folder only config.json is read.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hatlm.config import ARMS, PRESETS, ModelConfig
+from hatlm.config import PRESETS, ModelConfig
 from hatlm.errors import UserError
 
 BYTES = {"fp32": 4, "bf16": 2}
@@ -95,47 +93,3 @@ def format_table(info: dict[str, Any]) -> str:
     ]
     body = [f"{a:<{width}}{b}" if b else a for a, b in rows]
     return "\n".join(head + body)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "source", metavar="PATH_OR_PRESET", help=f"a checkpoint folder or a preset ({', '.join(PRESETS)})"
-    )
-    parser.add_argument("--arm", choices=ARMS, help="count for this arm instead of the configured one")
-    parser.add_argument("--thinker-layers", type=int, metavar="K", help="override the thinker depth K")
-    parser.add_argument("--thought-slots", type=int, metavar="M", help="override the number of thought slots m")
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    plan = parser.add_argument_group("training memory plan (--plan)")
-    plan.add_argument(
-        "--plan",
-        action="store_true",
-        help="per-GPU training memory: full fine-tune / LoRA x GPUs x activation checkpointing",
-    )
-    plan.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence (default 2048)")
-    plan.add_argument("--batch", type=int, default=1, help="sequences per GPU (default 1)")
-    plan.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
-    plan.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 8], help="GPU counts (default 1 2 8)")
-    plan.add_argument("--prompt-len", type=int, default=None, help="prompt tokens the thinker sees (default seq/4)")
-    plan.add_argument("--think-iters", type=int, default=None, metavar="T", help="thinking iterations (default T_max)")
-    plan.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory for the 'fits' column (default 80)")
-
-
-def run(args: argparse.Namespace) -> int:
-    overrides = {
-        k: v
-        for k, v in (("arm", args.arm), ("thinker_layers", args.thinker_layers), ("thought_slots", args.thought_slots))
-        if v is not None
-    }
-    if args.plan:
-        from hatlm.plan import format_plan, plan_grid
-
-        config, _ = resolve_config(args.source, **overrides)
-        rows = plan_grid(config, lora_r=args.lora_r, worlds=tuple(args.gpus), seq_len=args.seq_len, batch=args.batch,
-                         prompt_len=args.prompt_len, think_iters=args.think_iters)  # fmt: skip
-        print(
-            json.dumps([r.as_dict() for r in rows], indent=2) if args.json else format_plan(config, rows, args.gpu_gib)
-        )
-        return 0
-    info = describe(args.source, **overrides)
-    print(json.dumps(info, indent=2) if args.json else format_table(info))
-    return 0

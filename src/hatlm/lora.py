@@ -317,22 +317,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
     model.requires_grad_(True)
     return model
 
-
-# ------------------------------------------------------------------------------------ CLI: hatlm merge
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("adapter", metavar="ADAPTER_DIR", help="a folder written by save_adapter / train --lora")
-    parser.add_argument("out", metavar="OUT_DIR", help="where to write the merged (plain hatlm) checkpoint")
-    parser.add_argument("--base", default=None, help="base model (default: base_model_name_or_path of the adapter)")
-    parser.add_argument("--no-check-base", action="store_true", help="skip the base fingerprint check")
-
-
-def run(args) -> int:
-    from hatlm.checkpoint import save_model
-
-    model = load_with_adapter(args.adapter, base=args.base, check_base=not args.no_check_base)
-    merged = merge_lora(model)
-    save_model(merged, args.out)
-    print(f"merged {args.adapter} into {args.out}")
-    return 0

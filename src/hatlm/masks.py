@@ -92,3 +92,60 @@ def to_block_mask(fn: MaskFn, batch: int, q_len: int, kv_len: int, device: torch
     from torch.nn.attention.flex_attention import create_block_mask
 
     return create_block_mask(fn, batch, None, q_len, kv_len, device=str(device))
+
+
+def extra_position_masks(
+    prompt_lengths: Tensor,
+    m: int,
+    kv_lengths: Tensor,
+    sliding_window: int | None = None,
+    bidirectional_prefix: bool = False,
+) -> tuple[MaskFn, MaskFn, Callable[[Tensor, Tensor], Tensor]]:
+    """Masks of a decoder pass over [prompt ; m extra positions ; text] (index space, per row b with
+    n = prompt_lengths[b]): the extras (thoughts or pause slots) sit at indices n..n+m−1.
+
+    The token positions keep the base model's numbering (prompt 0..n−1, text n, n+1, …) and the base
+    mask sees only them, so the base attention of every token is exactly the pretrained model's. The
+    extras are read through a second, gated attention (`layers.Attention`):
+      base(b, h, q, kv):  kv is a token, valid, causal (or prompt↔prompt with a bidirectional prefix),
+                          within the sliding window counted in token positions (an extra reads the
+                          whole prompt);
+      extra(b, h, q, kv): kv is an extra, valid; the text and the last prompt token (which predicts the
+                          first text token) see all extras, an extra sees the extras up to itself, the
+                          rest of the prompt sees them only with a bidirectional prefix (the thoughts
+                          hold the whole prompt: an earlier prompt token reading them would see its
+                          own future);
+      has_extra(b, q):    whether query q reads any extra (rows without: their extra attention is
+                          multiplied by 0; the predicate lets them see key 0 so softmax stays finite).
+    """
+
+    def is_extra(b: Tensor, j: Tensor) -> Tensor:
+        n = prompt_lengths[b]
+        return (j >= n) & (j < n + m)
+
+    def position(b: Tensor, j: Tensor) -> Tensor:
+        return torch.where(j >= prompt_lengths[b] + m, j - m, j)
+
+    def base(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        n = prompt_lengths[b]
+        allowed = kv <= q
+        if bidirectional_prefix:
+            allowed = allowed | ((kv < n) & (q < n))
+        if sliding_window is not None:
+            # The window is between tokens; an extra reads the whole prompt (else an extra further
+            # than the window from the prompt would see no key at all).
+            allowed = allowed & ((position(b, q) - position(b, kv) < sliding_window) | is_extra(b, q))
+        return allowed & ~is_extra(b, kv) & (kv < kv_lengths[b])
+
+    def has_extra(b: Tensor, q: Tensor) -> Tensor:
+        reads = q >= prompt_lengths[b] - 1
+        if bidirectional_prefix:
+            reads = reads | (q >= 0)
+        return reads
+
+    def extra(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        n = prompt_lengths[b]
+        allowed = is_extra(b, kv) & (kv < kv_lengths[b]) & ((q >= n + m) | (kv <= q) | (q < n))  # q < n: see has_extra
+        return (allowed & has_extra(b, q)) | (~has_extra(b, q) & (kv == 0))
+
+    return base, extra, has_extra

@@ -21,137 +21,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hatlm.config import ModelConfig
-from hatlm.masks import MaskFn, bidirectional_mask, decoder_mask, to_block_mask, to_sdpa_mask
+from hatlm.layers import Block, CacheIndex, ExtraAttention, KVCache, RMSNorm, RotaryEmbedding
+from hatlm.masks import (
+    MaskFn,
+    bidirectional_mask,
+    decoder_mask,
+    extra_position_masks,
+    to_block_mask,
+    to_sdpa_mask,
+)
+from hatlm.thinking import Thinker, ThinkResult
 
-# ------------------------------------------------------------------------------------ layers
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 like the reference implementation, then cast back.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
-
-
-class RotaryEmbedding(nn.Module):
-    """RoPE in the Hugging Face (rotate-half) convention that Mistral checkpoints are stored in."""
-
-    def __init__(self, head_dim: int, theta: float) -> None:
-        super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        # positions [B, T] → cos, sin [B, 1, T, head_dim]
-        freqs = positions[..., None].float() * self.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return x * cos + rotate_half(x) * sin
-
-
-class KVCache(nn.Module):
-    """Preallocated keys/values [B, H_kv, S_max, D]; the entry for position p lives at index p."""
-
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device) -> None:
-        super().__init__()
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, positions: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        # positions [B, T]; k, v [B, H_kv, T, D]. Rows may write at different positions.
-        if positions.shape[1] == 1:
-            rows = torch.arange(k.shape[0], device=k.device)
-            self.k[rows, :, positions[:, 0]] = k[:, :, 0]
-            self.v[rows, :, positions[:, 0]] = v[:, :, 0]
-        else:
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]
-            self.k[rows, :, positions] = k.transpose(1, 2)
-            self.v[rows, :, positions] = v.transpose(1, 2)
-        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
-
-
-class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        d, hd = config.hidden_size, config.head_dim
-        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
-        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
-
-    def forward(
-        self,
-        x: Tensor,
-        rope: tuple[Tensor, Tensor],
-        mask,
-        cache: KVCache | None = None,
-        positions: Tensor | None = None,
-    ) -> Tensor:
-        B, T, _ = x.shape
-        # [B, T, H*D] → [B, H, T, D]
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            kv_len = mask.shape[-1]
-            k, v = cache.update(positions, k, v, kv_len)
-        if isinstance(mask, Tensor):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
-        else:
-            from torch.nn.attention.flex_attention import flex_attention
-
-            out = flex_attention(q, k, v, block_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Block(nn.Module):
-    """One Mistral layer (pre-norm attention + SwiGLU); the mask decides causal or bidirectional."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
-
-    def forward(self, x, rope, mask, cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, positions)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
+__all__ = ["Decoder", "HatLM", "HybridOutput", "KVCache", "RMSNorm", "RotaryEmbedding", "ThinkResult", "Thinker"]
 
 class Decoder(nn.Module):
     """The Mistral backbone: embeddings, layers, final norm (HF's `model.*` tensors)."""
@@ -161,63 +45,6 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(n_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-class Thinker(nn.Module):
-    """K bidirectional Mistral layers iterated with shared weights, plus re-weighting and gate."""
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        h = config.hybrid
-        self.layers = nn.ModuleList(Block(config) for _ in range(h.thinker_layers))
-        # a = sigmoid(gate(u)): one interpolation weight per position.
-        self.gate = nn.Linear(config.hidden_size, 1, bias=True)
-        # Learned temperature of the cosine-similarity re-weighting (its sign is learned too).
-        self.reweight_temperature = nn.Parameter(torch.tensor(float(h.reweight_temperature)))
-        self.use_reweight = h.reweight
-
-    def relevance(self, z: Tensor, valid: Tensor) -> Tensor:
-        """r ∈ (0, 2) per position from the cosine similarity of every pair of valid positions.
-
-        A position's relevance is its mean similarity to all *other* positions, past and future,
-        compared with the row's average: positions that agree with the current context (the focus)
-        get r > 1, outliers r < 1 (or the reverse if the learned temperature turns negative).
-        """
-        zn = F.normalize(z.float(), dim=-1)
-        sim = zn @ zn.transpose(1, 2)  # [B, N, N]
-        n = z.shape[1]
-        pair = valid[:, :, None] & valid[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=z.device)
-        pair = pair.to(sim.dtype)
-        c = (sim * pair).sum(-1) / pair.sum(-1).clamp(min=1.0)  # [B, N]
-        vf = valid.to(sim.dtype)
-        c_mean = (c * vf).sum(-1, keepdim=True) / vf.sum(-1, keepdim=True).clamp(min=1.0)
-        r = 2.0 * torch.sigmoid(self.reweight_temperature * (c - c_mean))
-        return r.to(z.dtype)[..., None]
-
-    def step(self, z: Tensor, rope, mask, valid: Tensor) -> Tensor:
-        u = z
-        for layer in self.layers:
-            u = layer(u, rope, mask)
-        a = torch.sigmoid(self.gate(u))  # [B, N, 1]
-        if self.use_reweight:
-            a = a * self.relevance(z, valid)
-        return z + a * (u - z)
-
-
-@dataclass
-class ThinkResult:
-    """What thinking produced, per row of the batch."""
-
-    z: Tensor  # [B, P+m, d] refined sequence (row b: prompt_lengths[b] prompt positions, then m thoughts)
-    z0: Tensor  # [B, P+m, d] the sequence before thinking
-    prompt_lengths: Tensor  # [B]
-    iterations: Tensor  # [B] thinking iterations each row used
-    final_change: Tensor  # [B] ‖z_T − z_{T−1}‖ / ‖z_{T−1}‖ of each row's last iteration (0 if none)
-
-    def thoughts(self, m: int) -> Tensor:
-        """[B, m, d] the thought vectors of each row."""
-        idx = self.prompt_lengths[:, None] + torch.arange(m, device=self.z.device)
-        return self.z.gather(1, idx[..., None].expand(-1, -1, self.z.shape[-1]))
 
 
 @dataclass
@@ -244,6 +71,13 @@ class HatLM(nn.Module):
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
         m = config.num_thought_slots
         self.thought_slots = nn.Parameter(torch.zeros(m, config.hidden_size)) if self.arm != "causal" else None
+        # Per decoder layer and head: how much of the gated attention to the extra positions (thoughts
+        # or pause slots) enters the layer's output. Zero at a fresh start, so the decoder begins as
+        # its base model for any number of slots (see layers.Attention.forward).
+        self.thought_gate = None
+        if self.arm != "causal":
+            H = config.num_attention_heads
+            self.thought_gate = nn.ParameterList(torch.zeros(H) for _ in range(config.decoder_layers))
         if self.arm == "hybrid":
             self.thinker = Thinker(config)
             self.prompt_refine = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
@@ -275,11 +109,20 @@ class HatLM(nn.Module):
         """Fresh thinking path: random thought slots, zero prompt projection, gate at its init."""
         if self.thought_slots is not None:
             self.thought_slots.normal_(0.0, self.config.initializer_range)
+            for gate in self.thought_gate:
+                gate.fill_(self.config.hybrid.thought_gate_init)
         if self.arm == "hybrid":
             self.prompt_refine.weight.zero_()
             self.thinker.gate.weight.zero_()
             self.thinker.gate.bias.fill_(self.config.hybrid.gate_bias_init)
             self.thinker.reweight_temperature.fill_(self.config.hybrid.reweight_temperature)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each layer (and each thinking iteration) in the backward pass instead of keeping
+        its activations: activation memory per layer instead of per position·layer."""
+        self.gradient_checkpointing = bool(enabled)
+        if self.thinker is not None:
+            self.thinker.gradient_checkpointing = bool(enabled)
 
     @property
     def device(self) -> torch.device:
@@ -301,7 +144,7 @@ class HatLM(nn.Module):
 
         backbone = count(self.decoder) + (0 if self.config.tie_word_embeddings else count(self.lm_head))
         thinker = count(self.thinker)
-        other = count(self.thought_slots) + count(self.prompt_refine)
+        other = count(self.thought_slots) + count(self.thought_gate) + count(self.prompt_refine)
         return {"backbone": backbone, "thinker": thinker, "slots_and_gates": other, "total": backbone + thinker + other}
 
     # ------------------------------------------------------------------ masks
@@ -319,14 +162,21 @@ class HatLM(nn.Module):
         positions: Tensor,
         mask,
         caches: list[KVCache] | None = None,
+        cache_index: CacheIndex | None = None,
+        extra: ExtraAttention | None = None,
     ) -> Tensor:
+        """x [B, N, d] through `layers` at RoPE `positions` [B, N]. With `extra`, each layer also reads
+        the extra positions through its row of `thought_gate`; with `caches`, keys/values are stored."""
         rope = self.rope(positions, x.dtype)
         for i, layer in enumerate(layers):
             cache = caches[i] if caches is not None else None
+            gate = self.thought_gate[i] if extra is not None else None
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    layer, x, rope, mask, None, None, None, extra, gate, use_reentrant=False
+                )
             else:
-                x = layer(x, rope, mask, cache, positions)
+                x = layer(x, rope, mask, cache, cache_index, None, extra, gate)
         return x
 
     def logits_from_hidden(self, h: Tensor) -> Tensor:
@@ -411,28 +261,7 @@ class HatLM(nn.Module):
         valid = torch.arange(N, device=z.device)[None, :] < seq_len[:, None]  # [B, N]
         mask = self.build_mask(bidirectional_mask(seq_len), B, N, N)
         rope = self.rope(positions, z.dtype)
-        vmask = valid[..., None].to(z.dtype)
-        iterations = torch.zeros(B, dtype=torch.long, device=z.device)
-        final_change = torch.zeros(B, dtype=torch.float32, device=z.device)
-        halted = torch.zeros(B, dtype=torch.bool, device=z.device)
-        for _ in range(T):
-            if self.gradient_checkpointing and self.training:
-                z_new = torch.utils.checkpoint.checkpoint(self.thinker.step, z, rope, mask, valid, use_reentrant=False)
-            else:
-                z_new = self.thinker.step(z, rope, mask, valid)
-            with torch.no_grad():
-                num = ((z_new - z) * vmask).float().pow(2).sum((1, 2)).sqrt()
-                den = (z * vmask).float().pow(2).sum((1, 2)).sqrt().clamp(min=1e-12)
-                change = num / den
-            active = ~halted
-            # Halted rows keep their vectors: each row's result is independent of the batch.
-            z = torch.where(active[:, None, None], z_new, z)
-            iterations = iterations + active.long()
-            final_change = torch.where(active, change, final_change)
-            if eps > 0:
-                halted = halted | (active & (change < eps))
-                if bool(halted.all()):
-                    break
+        z, iterations, final_change = self.thinker.iterate(z, rope, mask, valid, T, eps)
         return ThinkResult(z, z0, prompt_lengths, iterations, final_change)
 
     def decoder_inputs(self, input_ids: Tensor, prompt_lengths: Tensor, think: ThinkResult | None) -> Tensor:
@@ -451,12 +280,57 @@ class HatLM(nn.Module):
         refined = torch.where(is_prompt, delta, torch.zeros_like(delta))
         return torch.cat([x[:, :N] + refined, x[:, N:]], dim=1)
 
-    def decoder_mask_fn(self, positions: Tensor, kv_lengths: Tensor, prompt_lengths: Tensor | None) -> MaskFn:
-        """The decoder's mask: causal, or bidirectional over prompt+thoughts when configured."""
-        prefix = None
-        if prompt_lengths is not None and self.config.hybrid.decoder_prefix == "bidirectional":
-            prefix = prompt_lengths + self.config.num_thought_slots
-        return decoder_mask(positions, kv_lengths, self.config.sliding_window, prefix)
+    def decoder_pass(
+        self,
+        x: Tensor,
+        prompt_lengths: Tensor | None,
+        seq_lengths: Tensor,
+        caches: list[KVCache] | None = None,
+    ) -> Tensor:
+        """The decoder over x [B, N, d] → hidden states [B, N, d] (before the final norm).
+
+        Without extras (causal arm, or no prompt_lengths) x holds tokens at positions 0..N−1. Otherwise
+        x is laid out [prompt ; m extras ; text] per row (see `layout`): the tokens keep the base
+        model's positions and attention, and the extras are read through the gated extra attention
+        (`masks.extra_position_masks`). Row b has seq_lengths[b] valid entries (extras included). With
+        `caches`, a prefill: token keys/values go to cache index = position, the extras' apart.
+        """
+        B, N, _ = x.shape
+        j = torch.arange(N, device=x.device).expand(B, N)
+        m = self.config.num_thought_slots if prompt_lengths is not None else 0
+        prefix = self.config.hybrid.decoder_prefix == "bidirectional" and prompt_lengths is not None
+        if m == 0:
+            fn = decoder_mask(j, seq_lengths, self.config.sliding_window, prompt_lengths if prefix else None)
+            index = CacheIndex(j) if caches is not None else None
+            return self.run_layers(self.decoder.layers, x, j, self.build_mask(fn, B, N, N), caches, index)
+        n = prompt_lengths[:, None]
+        is_extra = (j >= n) & (j < n + m)
+        positions = torch.where(j >= n + m, j - m, j)  # extras share the numbers of the first text tokens
+        base, extra_fn, has_extra = extra_position_masks(
+            prompt_lengths, m, seq_lengths, self.config.sliding_window, prefix
+        )
+        rows = has_extra(torch.arange(B, device=x.device)[:, None], j).to(x.dtype)[:, None, :, None]  # [B,1,N,1]
+        extra = ExtraAttention(self.build_mask(extra_fn, B, N, N), rows)
+        index = None
+        if caches is not None:
+            index = CacheIndex(torch.where(is_extra, -1, positions), torch.where(is_extra, j - n, -1))
+        return self.run_layers(self.decoder.layers, x, positions, self.build_mask(base, B, N, N), caches, index, extra)
+
+    def token_index(self, prompt_lengths: Tensor, L: int) -> Tensor:
+        """[B, L]: where token t of each row sits in the decoder's [prompt ; m extras ; text] layout."""
+        t = torch.arange(L, device=prompt_lengths.device)[None, :]
+        return torch.where(t < prompt_lengths[:, None], t, t + self.config.num_thought_slots)
+
+    def decoder_hidden(
+        self, input_ids: Tensor, prompt_lengths: Tensor, think: ThinkResult | None, seq_lengths: Tensor
+    ) -> Tensor:
+        """The decoder over [prompt (+ refinement) ; thoughts or pause slots ; text] → hidden [B, L+m, d]
+        (before the final norm); row b has seq_lengths[b] valid entries."""
+        return self.decoder_pass(self.decoder_inputs(input_ids, prompt_lengths, think), prompt_lengths, seq_lengths)
+
+    def decoder_mask_fn(self, positions: Tensor, kv_lengths: Tensor) -> MaskFn:
+        """The decoder's token mask for queries at `positions` over cached token keys (decoding)."""
+        return decoder_mask(positions, kv_lengths, self.config.sliding_window)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -492,16 +366,11 @@ class HatLM(nn.Module):
             logits = self.causal_forward(input_ids, lengths)
             return HybridOutput(logits, zeros.long(), zeros)
         think = self.think(input_ids, prompt_lengths, think_iters, halting_threshold) if self.arm == "hybrid" else None
-        x = self.decoder_inputs(input_ids, prompt_lengths, think)
         m = self.config.num_thought_slots
-        N = L + m
-        positions = torch.arange(N, device=x.device).expand(B, N)
-        fn = self.decoder_mask_fn(positions, lengths + m, prompt_lengths)
-        h = self.run_layers(self.decoder.layers, x, positions, self.build_mask(fn, B, N, N))
-        # Back to token positions: t < n−1 reads itself, t ≥ n−1 reads m positions later (the
-        # last prompt token's next-token prediction comes from the last thought).
-        t = torch.arange(L, device=x.device)[None, :]
-        src = torch.where(t < prompt_lengths[:, None] - 1, t, t + m)
+        h = self.decoder_hidden(input_ids, prompt_lengths, think, lengths + m)  # [B, L+m, d]
+        # Back to token positions (the extras are only read, never read out): token t's hidden state
+        # predicts token t+1, the last prompt token's included — as in the base model.
+        src = self.token_index(prompt_lengths, L)
         h = h.gather(1, src[..., None].expand(B, L, h.shape[-1]))
         logits = self.logits_from_hidden(h)
         if think is None:
@@ -511,14 +380,22 @@ class HatLM(nn.Module):
     # ------------------------------------------------------------------ KV caches
     def setup_caches(self, batch: int, max_len: int) -> list[KVCache]:
         c = self.config
+        m = c.num_thought_slots
         return [
-            KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, self.dtype, self.device)
+            KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, self.dtype, self.device, extra_len=m)
             for _ in self.decoder.layers
         ]
 
     # ------------------------------------------------------------------ generation
     def generate(self, *args, **kwargs):
-        """Generate text: `hatlm.generate.generate(self, tokenizer, prompts, ...)` (see there)."""
-        from hatlm.generate import generate
+        """Generate with any arm. Two entry points (see `hatlm.generate`):
 
-        return generate(self, *args, **kwargs)
+        * `model.generate(input_ids, max_new_tokens=…, do_sample=…, temperature=…, attention_mask=…)`,
+          the transformers call: returns a LongTensor [B, L + new] (input ids, then new tokens);
+        * `model.generate(tokenizer, prompts, max_new_tokens, …)`: texts and thinking statistics.
+        """
+        # Generation is built on the model, not part of it: generate.py imports nothing from this
+        # module, and this method only forwards to it (deferred so that importing the model stays light).
+        from hatlm import generate as generation
+
+        return generation.dispatch(self, *args, **kwargs)

@@ -29,33 +29,40 @@ same loss curve as a run that was never interrupted (on the same machine and thr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import os
-import random
-import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from hatlm.config import ARMS, HybridConfig, ModelConfig
+from hatlm.data import collate
+from hatlm.datasets import DataOrder, build_sources
 from hatlm.errors import ConfigError, UserError
+from hatlm.evaluate import answer_loss, forward_batch, subsample_rows, teacher_forced
+from hatlm.loader import load_model_and_tokenizer
+from hatlm.trainstate import (
+    METRICS,
+    MetricsLog,
+    clean_stale_temps,
+    latest_checkpoint,
+    load_state,
+    read_metrics,
+    rng_state,
+    save_checkpoint,
+    save_final_model,
+    seed_everything,
+    set_rng_state,
+    truncate_metrics,
+)
+from hatlm.util import atomic_write_text, resolve_device
 
-TASK_PREFIX = "task:"
-STATE_FILE = "trainer_state.pt"
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-METRICS = "metrics.jsonl"
 CONFIG_FILE = "train_config.yaml"
 
 
@@ -235,331 +242,41 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any], source: str = "
 def save_config(cfg: TrainConfig, path: Path) -> None:
     import yaml
 
-    _atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-# ------------------------------------------------------------------------------------ small utilities
+# ------------------------------------------------------------------------------------ optimisation
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up to lr over `warmup` optimizer steps (the first update at lr/warmup), then cosine
+    decay to min_lr at `steps`: torch's LinearLR then CosineAnnealingLR. Its state is checkpointed."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, cfg.steps - cfg.warmup), eta_min=cfg.min_lr)
+    if not cfg.warmup:
+        return cosine
+    # LinearLR's factor at step s is start + (1 - start) * s / total_iters = (s + 1) / warmup.
+    warm = LinearLR(optimizer, start_factor=1 / cfg.warmup, end_factor=1.0, total_iters=max(cfg.warmup - 1, 1))
+    return SequentialLR(optimizer, [warm, cosine], milestones=[cfg.warmup])
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _restore_scheduler(scheduler, state: dict[str, Any], step: int) -> None:
     try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device {name!r} is not a device name (expected auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine")
-    return dev
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to lr over `warmup` steps, then cosine decay to min_lr at `steps`.
-
-    `step` counts optimizer steps already taken (0 for the first update)."""
-    if cfg.warmup and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    span = max(1, cfg.steps - cfg.warmup)
-    progress = min(1.0, (step - cfg.warmup) / span)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# ------------------------------------------------------------------------------------ data
-
-
-class RowSource:
-    """Training rows (token ids, prompt length, task) addressed by (index, epoch).
-
-    Prompt/answer rows are fixed; plain-text windows are re-split every epoch, deterministically."""
-
-    def __init__(self, rows: list[tuple[list[int], int]] | None = None, tasks: list[str] | None = None,
-                 windows: Any = None, name: str = "") -> None:
-        self.rows, self.tasks, self.windows, self.name = rows, tasks, windows, name
-
-    def __len__(self) -> int:
-        return len(self.windows) if self.windows is not None else len(self.rows)
-
-    def get(self, index: int, epoch: int) -> tuple[list[int], int, str]:
-        if self.windows is not None:
-            ids, n = self.windows.example_ids(index, epoch)
-            return list(ids), int(n), self.name
-        ids, n = self.rows[index]
-        return ids, n, (self.tasks[index] if self.tasks else self.name)
-
-
-class ConcatSource:
-    def __init__(self, sources: list[RowSource]) -> None:
-        self.sources = [s for s in sources if len(s)]
-        self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def get(self, index: int, epoch: int) -> tuple[list[int], int, str]:
-        k = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        return self.sources[k].get(index - int(self.offsets[k]), epoch)
-
-
-class DataOrder:
-    """An endless stream of example indices: epoch e is a permutation seeded by (seed, e).
-
-    Its whole state is the number of examples consumed, so resuming is exact by construction."""
-
-    def __init__(self, n: int, seed: int, consumed: int = 0) -> None:
-        self.n, self.seed, self.consumed = n, seed, consumed
-        self._perm_epoch, self._perm = -1, None
-
-    def _permutation(self, epoch: int) -> Tensor:
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
-        return self._perm
-
-    def take(self, k: int) -> list[tuple[int, int]]:
-        """The next k (index, epoch) pairs."""
-        out = []
-        for _ in range(k):
-            epoch, pos = divmod(self.consumed, self.n)
-            out.append((int(self._permutation(epoch)[pos]), epoch))
-            self.consumed += 1
-        return out
-
-    def state_dict(self) -> dict[str, int]:
-        return {"consumed": self.consumed, "n": self.n, "seed": self.seed}
-
-
-def is_task_spec(spec: str) -> bool:
-    return spec.startswith(TASK_PREFIX)
-
-
-def _is_plain_text(path: Path) -> bool:
-    from hatlm.data import detect_format
-
-    return detect_format(path) == "text"
-
-
-def check_data_path(spec: str, flag: str = "--data") -> None:
-    """Fail early, with the flag's name, for a file that does not exist or an unknown task."""
-    if is_task_spec(spec):
-        from hatlm.tasks import TASKS
-
-        name = spec[len(TASK_PREFIX) :]
-        if name not in TASKS:
-            raise UserError(f"{flag} {spec}: unknown built-in task {name!r}; tasks: {', '.join(TASKS)}")
-        return
-    p = Path(spec)
-    if not p.exists():
-        raise UserError(f"{flag} {spec}: no such file")
-    if p.is_dir():
-        raise UserError(f"{flag} {spec}: is a folder; expected a data file (JSONL, bAbI, ProntoQA, ProsQA, text)")
-
-
-@dataclass
-class EvalSet:
-    """One evaluation source: prompt/answer examples (accuracy) or text windows (loss)."""
-
-    name: str  # as given (file path or task:NAME/split)
-    rows: list[tuple[list[int], int]]
-    tasks: list[str]
-    examples: list[Any] | None  # hatlm.data.Example for prompt/answer data; None for text
-
-    @property
-    def metric(self) -> str:
-        return "accuracy" if self.examples is not None else "loss"
-
-
-def _task_split(spec: str, cfg: TrainConfig) -> tuple[list[Any], dict[str, list[Any]]]:
-    from hatlm.tasks import make_split
-
-    name = spec[len(TASK_PREFIX) :]
-    kwargs: dict[str, Any] = {}
-    if cfg.task_train_difficulties is not None:
-        kwargs["train_difficulties"] = cfg.task_train_difficulties
-    if cfg.task_eval_difficulties is not None:
-        kwargs["eval_difficulties"] = cfg.task_eval_difficulties
-    return make_split(name, seed=cfg.data_seed, n_train=cfg.task_train_size, n_eval=cfg.task_eval_size, **kwargs)
-
-
-def _prepare_rows(examples, tokenizer, max_len: int, name: str, log: Callable[[str], None]):
-    from hatlm.data import prepare
-
-    prep = prepare(examples, tokenizer, max_len)
-    if prep.dropped_too_long or prep.dropped_empty:
-        log(f"{name}: {prep.report}")
-    if not prep.rows:
-        raise UserError(f"{name}: no usable examples left (all empty or longer than max_len={max_len})")
-    return prep
-
-
-def build_sources(cfg: TrainConfig, tokenizer, log: Callable[[str], None]) -> tuple[ConcatSource, list[EvalSet]]:
-    """The training stream and the evaluation sets described by the config."""
-    from hatlm.data import TextWindows, load_examples
-
-    train_sources: list[RowSource] = []
-    evals: list[EvalSet] = []
-    for spec in cfg.data:
-        check_data_path(spec)
-        if is_task_spec(spec):
-            train_ex, eval_splits = _task_split(spec, cfg)
-            prep = _prepare_rows(train_ex, tokenizer, cfg.max_len, spec, log)
-            train_sources.append(RowSource(prep.rows, prep.tasks, name=spec))
-            if not cfg.eval:
-                for split, exs in eval_splits.items():
-                    ename = f"{spec}/{split}"
-                    ep = _prepare_rows(exs, tokenizer, cfg.max_len, ename, log)
-                    evals.append(EvalSet(ename, ep.rows, ep.tasks, exs))
-        elif _is_plain_text(Path(spec)):
-            windows = TextWindows(spec, tokenizer, window=cfg.max_len, seed=cfg.seed)
-            if len(windows) == 0:
-                raise UserError(f"--data {spec}: the text is too short for one window of {cfg.max_len} tokens")
-            train_sources.append(RowSource(windows=windows, name=spec))
-        else:
-            exs = load_examples(spec)
-            prep = _prepare_rows(exs, tokenizer, cfg.max_len, spec, log)
-            train_sources.append(RowSource(prep.rows, prep.tasks, name=spec))
-    for spec in cfg.eval:
-        evals.append(load_eval_set(spec, tokenizer, cfg.max_len, cfg.data_seed, log))
-    return ConcatSource(train_sources), evals
-
-
-def load_eval_set(spec: str, tokenizer, max_len: int, seed: int = 0, log: Callable[[str], None] = print) -> EvalSet:
-    from hatlm.data import TextWindows, load_examples
-
-    check_data_path(spec, "--eval")
-    if is_task_spec(spec):
-        raise UserError(f"--eval {spec}: give an eval file; a task's own held-out sets come with --data {spec}")
-    if _is_plain_text(Path(spec)):
-        windows = TextWindows(spec, tokenizer, window=max_len, seed=seed)
-        rows = [tuple(windows.example_ids(i, 0)) for i in range(len(windows))]
-        if not rows:
-            raise UserError(f"--eval {spec}: the text is too short for one window of {max_len} tokens")
-        return EvalSet(spec, [(list(r[0]), int(r[1])) for r in rows], [spec] * len(rows), None)
-    exs = load_examples(spec)
-    prep = _prepare_rows(exs, tokenizer, max_len, spec, log)
-    return EvalSet(spec, prep.rows, prep.tasks, exs)
-
-
-# ------------------------------------------------------------------------------------ loss and evaluation
-
-
-def answer_loss(logits: Tensor, input_ids: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Summed CE over answer tokens, their count, and per-row exact match of the argmax.
-
-    logits [B, L, V] in the causal convention (logits[:, t] predicts input_ids[:, t+1]);
-    target_mask [B, L] True where input_ids is an answer token."""
-    tgt = input_ids[:, 1:]
-    mask = target_mask[:, 1:]
-    pred_logits = logits[:, :-1]
-    sel = pred_logits[mask].float()  # [N, V]: only the answer positions
-    loss_sum = F.cross_entropy(sel, tgt[mask], reduction="sum")
-    hit = (pred_logits.argmax(-1) == tgt) | ~mask  # [B, L-1]
-    return loss_sum, mask.sum(), hit.all(dim=1)
-
-
-def _forward(model, batch, device, think_iters: int | None, autocast: bool):
-    ids = batch.input_ids.to(device)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(ids, prompt_lengths=batch.prompt_lengths.to(device), lengths=batch.lengths.to(device),
-                    think_iters=think_iters)
-    return ids, out
-
-
-@torch.no_grad()
-def forced_eval(model, rows: Sequence[tuple[list[int], int]], pad_id: int, *, batch_size: int = 64,
-                think_iters: int | None = None, device: torch.device | None = None) -> dict[str, float]:
-    """Teacher-forced evaluation: loss per answer token and exact match (every answer token,
-    EOS included, is the argmax given the gold prefix — what greedy decoding would produce)."""
-    from hatlm.data import collate
-
-    device = device or model.device
-    was_training = model.training
-    model.eval()
-    loss_sum, tokens, correct = 0.0, 0, 0
-    try:
-        for i in range(0, len(rows), batch_size):
-            batch = collate(list(rows[i : i + batch_size]), pad_id)
-            ids, out = _forward(model, batch, device, think_iters, device.type == "cuda")
-            ls, nt, hit = answer_loss(out.logits, ids, batch.target_mask.to(device))
-            loss_sum += float(ls)
-            tokens += int(nt)
-            correct += int(hit.sum())
-    finally:
-        model.train(was_training)
-    loss = loss_sum / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy_tf": correct / max(len(rows), 1),
-            "n": len(rows), "tokens": tokens}
-
-
-def _subsample(ev: EvalSet, k: int) -> list[tuple[list[int], int]]:
-    # A fixed, evenly spaced subset: the same examples at every evaluation and in every run.
-    if k == 0 or len(ev.rows) <= k:
-        return ev.rows
-    idx = np.linspace(0, len(ev.rows) - 1, k).round().astype(int)
-    return [ev.rows[i] for i in idx]
-
-
-# ------------------------------------------------------------------------------------ model, tokenizer
-
-
-def build_tokenizer(cfg: TrainConfig, model_config: ModelConfig):
-    from hatlm.tokenizer import ByteTokenizer, load_tokenizer
-
-    if cfg.init_from:
-        tok = load_tokenizer(cfg.init_from)
-    elif model_config.vocab_size == ByteTokenizer.vocab_size:
-        tok = ByteTokenizer()
-    else:
-        tok = load_tokenizer(None)
-    if tok.vocab_size > model_config.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}"
-        )
-    return tok
-
-
-def build_model(cfg: TrainConfig):
-    """A fresh model for cfg (seeded), or one initialised from cfg.init_from."""
-    import hatlm
-    from hatlm.model import HatLM
-
-    overrides = dict(cfg.model)
-    overrides["arm"] = cfg.arm
-    torch.manual_seed(cfg.seed)
-    if cfg.init_from:
-        if not Path(cfg.init_from).is_dir():
-            raise UserError(f"init_from {cfg.init_from}: no such checkpoint folder")
-        return hatlm.load(cfg.init_from, **overrides)
-    return HatLM(ModelConfig.from_name(cfg.preset, **overrides))
+        scheduler.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        # A checkpoint written when the schedule was a LambdaLR: the schedule is a pure function of
+        # the step, so replaying `step` steps of this fresh scheduler gives the same learning rates.
+        # torch's schedulers update the optimizer's lr recursively: start from the fresh step-0 lr,
+        # not the one the optimizer state just loaded.
+        import warnings
+
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+            for _ in range(step):
+                scheduler.step()
 
 
 def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
@@ -574,108 +291,6 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
         else:
             no_decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-# ------------------------------------------------------------------------------------ checkpoints
-
-
-def _ckpt_root(out: Path) -> Path:
-    return out / CHECKPOINTS
-
-
-def latest_checkpoint(out: str | Path) -> Path | None:
-    root = _ckpt_root(Path(out))
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    name = pointer.read_text().strip()
-    path = root / name
-    if not (path / STATE_FILE).is_file():
-        raise UserError(f"{pointer} names {name}, which is not a complete checkpoint; delete {pointer} to restart")
-    return path
-
-
-def _save_checkpoint(out: Path, model, tokenizer, state: dict[str, Any], step: int, keep: int) -> Path:
-    """Write checkpoints/step-N atomically (save_model writes a temp folder, trainer_state.pt
-    included, and renames it into place), then replace the `latest` pointer. A kill at any moment
-    leaves the previous checkpoint and pointer intact."""
-    from hatlm.checkpoint import save_model
-
-    root = _ckpt_root(out)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
-    final = root / name
-    save_model(model, final, tokenizer=tokenizer, write_extra=lambda tmp: torch.save(state, tmp / STATE_FILE))
-    _atomic_write_text(root / LATEST, name + "\n")
-    # Older checkpoints go only after the pointer moved on.
-    older = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name != name)
-    for p in older[: max(0, len(older) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
-    return final
-
-
-def _save_final_model(out: Path, model, tokenizer) -> Path:
-    from hatlm.checkpoint import save_model
-
-    return save_model(model, out / "model", tokenizer=tokenizer)
-
-
-def _clean_stale_temps(out: Path) -> None:
-    for root in (out, _ckpt_root(out)):
-        if root.is_dir():
-            for p in root.iterdir():
-                if p.name.startswith(".") and (".tmp" in p.name or ".old" in p.name):
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only records up to `step`: those after the checkpoint will be produced again."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut short by the kill
-        if rec.get("step", 0) <= step:
-            keep.append(line)
-    _atomic_write_text(path, "".join(k + "\n" for k in keep))
-
-
-def read_metrics(out: str | Path) -> list[dict[str, Any]]:
-    path = Path(out) / METRICS
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-class MetricsLog:
-    def __init__(self, out: Path, tensorboard: bool) -> None:
-        self.path = out / METRICS
-        self.f = open(self.path, "a")
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tb"))
-            except ImportError:  # tensorboard is optional
-                self.tb = None
-
-    def write(self, rec: dict[str, Any]) -> None:
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()  # a killed process must not lose records that precede its checkpoint
-        if self.tb is not None:
-            prefix = rec["split"] + ("/" + rec["eval_file"] if "eval_file" in rec else "")
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step" and v is not None:
-                    self.tb.add_scalar(f"{prefix}/{k}", v, rec["step"])
-
-    def close(self) -> None:
-        self.f.close()
-        if self.tb is not None:
-            self.tb.close()
 
 
 # ------------------------------------------------------------------------------------ training
@@ -702,13 +317,11 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    from hatlm.data import collate
-
     cfg.validate()
     out = Path(out_dir)
     say = log or (lambda s: tqdm.write(s, file=sys.stderr))
     out.mkdir(parents=True, exist_ok=True)
-    _clean_stale_temps(out)
+    clean_stale_temps(out)
     ckpt = latest_checkpoint(out) if resume else None
     if not resume and (latest_checkpoint(out) is not None or (out / METRICS).exists()):
         raise UserError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
@@ -717,19 +330,16 @@ def train(
 
     state: dict[str, Any] | None = None
     if ckpt is not None:
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_state(ckpt)
         _check_resume_config(TrainConfig(**state["config"]), cfg, ckpt)
-        from hatlm.checkpoint import load_model
-
-        model = load_model(ckpt)
-        from hatlm.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(ckpt)
+        # float32 weights on every device: on a GPU the forward runs under bf16 autocast.
+        model, tokenizer = load_model_and_tokenizer(ckpt, device=device, dtype=torch.float32)
     else:
         seed_everything(cfg.seed)
-        model = build_model(cfg)
-        tokenizer = build_tokenizer(cfg, model.config)
-    model.to(device)
+        if cfg.init_from and not Path(cfg.init_from).is_dir():
+            raise UserError(f"init_from {cfg.init_from}: no such checkpoint folder")
+        model, tokenizer = load_model_and_tokenizer(cfg.init_from or cfg.preset, arm=cfg.arm, device=device,
+                                                    dtype=torch.float32, seed=cfg.seed, **cfg.model)
     model.train()
     pad_id = tokenizer.pad_id
 
@@ -738,12 +348,12 @@ def train(
         raise UserError(f"no training examples in {', '.join(cfg.data)}")
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
+    scheduler = make_scheduler(optimizer, cfg)
     order = DataOrder(len(train_src), cfg.seed)
     step, elapsed = 0, 0.0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        _restore_scheduler(scheduler, state["scheduler"], state["step"])
         if state["data"]["n"] != len(train_src):
             raise UserError(
                 f"cannot resume exactly: the training data now has {len(train_src)} examples, the checkpoint "
@@ -752,10 +362,10 @@ def train(
         order.consumed = state["data"]["consumed"]
         step, elapsed = state["step"], state["elapsed_s"]
         set_rng_state(state["rng"])
-        _truncate_metrics(out / METRICS, step)
+        truncate_metrics(out / METRICS, step)
         say(f"resuming {out} from {ckpt.name} (step {step} of {cfg.steps})")
     else:
-        _truncate_metrics(out / METRICS, -1)
+        truncate_metrics(out / METRICS, -1)
     save_config(cfg, out / CONFIG_FILE)
     metrics = MetricsLog(out, cfg.tensorboard)
     params = model.num_parameters()
@@ -769,8 +379,8 @@ def train(
     def evaluate(step_now: int) -> dict[str, dict[str, float]]:
         res = {}
         for ev in evals:
-            r = forced_eval(model, _subsample(ev, cfg.eval_max_examples), pad_id, batch_size=cfg.eval_batch_size,
-                            think_iters=cfg.think_iters, device=device)
+            r = teacher_forced(model, subsample_rows(ev.rows, cfg.eval_max_examples), pad_id,
+                               batch_size=cfg.eval_batch_size, think_iters=cfg.think_iters, device=device)
             res[ev.name] = {"metric": ev.metric, **r}
             metrics.write({"step": step_now, "split": "eval", "eval_file": ev.name, **res[ev.name]})
         return res
@@ -798,7 +408,7 @@ def train(
             loss_total = 0.0
             it_sum, tokens = 0.0, 0
             for batch in micro:
-                ids, out_ = _forward(model, batch, device, iters if model.arm == "hybrid" else None, autocast)
+                ids, out_ = forward_batch(model, batch, device, iters if model.arm == "hybrid" else None, autocast)
                 ls, _, _ = answer_loss(out_.logits, ids, batch.target_mask.to(device))
                 loss = ls / max(n_target, 1)  # mean over all answer tokens of the accumulated batch
                 if loss_hook is not None:
@@ -839,13 +449,13 @@ def train(
             if on_step is not None:
                 on_step(step)
             if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-                last_good = _save_checkpoint(out, model, tokenizer, checkpoint_state(), step, cfg.keep_checkpoints)
+                last_good = save_checkpoint(out, model, tokenizer, checkpoint_state(), step, cfg.keep_checkpoints)
     finally:
         bar.close()
         metrics.close()
     if last_good is None or last_good.name != f"step-{step:08d}":
-        last_good = _save_checkpoint(out, model, tokenizer, checkpoint_state(), step, cfg.keep_checkpoints)
-    model_dir = _save_final_model(out, model, tokenizer)
+        last_good = save_checkpoint(out, model, tokenizer, checkpoint_state(), step, cfg.keep_checkpoints)
+    model_dir = save_final_model(out, model, tokenizer)
     if math.isnan(last_loss):  # resumed a finished run: report the recorded final loss
         train_recs = [r for r in read_metrics(out) if r["split"] == "train"]
         last_loss = train_recs[-1]["loss"] if train_recs else float("nan")
@@ -876,89 +486,3 @@ def _check_resume_config(saved: TrainConfig, given: TrainConfig, ckpt: Path) -> 
         if "steps" in diff:
             hint = "; to train a finished model further, start a new run from it with --init-from OUT/model"
         raise UserError(f"cannot resume {ckpt} exactly with a different config ({detail}){hint}")
-
-
-# ------------------------------------------------------------------------------------ CLI
-
-
-def _parse_value(text: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", action="append", metavar="FILE",
-                   help="training data: JSONL prompt/answer, bAbI, ProntoQA, ProsQA, plain text, or task:NAME "
-                        "(a built-in task); repeat to mix")
-    p.add_argument("--eval", action="append", metavar="FILE", help="evaluation file (repeatable)")
-    p.add_argument("--out", required=True, metavar="DIR", help="run folder (metrics, checkpoints, final model)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--preset", metavar="NAME", help="model preset for a random init (default tiny-bytes)")
-    g.add_argument("--init-from", metavar="FOLDER", help="initialise from a Mistral or hatlm checkpoint folder")
-    p.add_argument("--config", metavar="FILE", help="YAML training config (keys: the TrainConfig fields)")
-    p.add_argument("--arm", choices=ARMS)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="CPU threads for torch (default: torch's choice; 1 is best for tiny models on a busy machine)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other config key, e.g. --set warmup=20 --set hidden_size=64 (model keys allowed)")
-    p.add_argument("--resume", action="store_true", help="continue OUT's latest checkpoint exactly")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    out = Path(args.out)
-    if args.config:
-        cfg = load_config(args.config)
-    elif args.resume and (out / CONFIG_FILE).is_file():
-        cfg = load_config(out / CONFIG_FILE)  # `hatlm train --out DIR --resume` alone continues the run
-    else:
-        cfg = TrainConfig()
-    over: dict[str, Any] = {}
-    for item in args.set:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        over[k.strip()] = _parse_value(v)
-    for key, val in (("data", args.data), ("eval", args.eval), ("preset", args.preset),
-                     ("init_from", args.init_from), ("arm", args.arm), ("steps", args.steps), ("seed", args.seed),
-                     ("lr", args.lr), ("batch_size", args.batch_size), ("device", args.device)):
-        if val is not None:
-            over[key] = val
-    return apply_overrides(cfg, over, source="command line") if over else _validated(cfg)
-
-
-def _validated(cfg: TrainConfig) -> TrainConfig:
-    cfg.validate()
-    return cfg
-
-
-def set_threads(n: int | None) -> None:
-    if n is None:
-        return
-    if n < 1:
-        raise UserError(f"--threads must be a positive integer; got {n}")
-    torch.set_num_threads(n)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    set_threads(args.threads)
-    res = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    print(f"trained {res['arm']} for {res['steps']} steps in {res['wall_time_s']:.1f}s; final train loss "
-          f"{res['final_loss']:.4f}; {res['params']['total']:,} parameters")
-    for name, r in res["eval"].items():
-        if "accuracy_tf" in r and r.get("metric", "accuracy") == "accuracy":
-            print(f"  eval {name}: accuracy {r['accuracy_tf']:.3f} (teacher-forced exact match), loss {r['loss']:.4f}")
-        else:
-            print(f"  eval {name}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f}")
-    print(f"model: {res['model_dir']}   metrics: {Path(args.out) / METRICS}")
-    return 0
