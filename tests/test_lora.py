@@ -177,11 +177,6 @@ def test_adapter_for_another_base_is_refused(tmp_path):
         load_adapter(hatlm.load(base_dir), tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="generate's decode step reads .weight directly, ignoring unmerged adapters; "
-    "remove this mark when decoding goes through the layer modules",
-)
 def test_generate_with_unmerged_adapter_equals_merged(tmp_path):
     """Decoding must honour unmerged adapters: greedy tokens equal those of the merged weights."""
     base_dir = make_base(tmp_path)

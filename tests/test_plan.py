@@ -39,7 +39,7 @@ def real_saved_bytes(model: HatLM, s: P.Strategy) -> int:
     """Distinct non-parameter storages saved for backward by a real forward + loss, plus what torch's
     checkpoint keeps (its arguments) when activation checkpointing is on."""
     cfg = model.config
-    model.gradient_checkpointing = s.checkpointing
+    model.set_gradient_checkpointing(s.checkpointing)
     B, S = s.batch, s.seq_len
     ids = torch.randint(3, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(1))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -56,10 +56,8 @@ def real_saved_bytes(model: HatLM, s: P.Strategy) -> int:
     original = cp.checkpoint
 
     def checkpoint(fn, *args, **kwargs):
-        for a in args:
-            for t in a if isinstance(a, tuple) else (a,):
-                if isinstance(t, torch.Tensor):
-                    pack(t)
+        for t in P._tensors(args):  # tensors, also inside tuples and dataclasses (ExtraAttention)
+            pack(t)
         return original(fn, *args, **kwargs)
 
     cp.checkpoint = checkpoint

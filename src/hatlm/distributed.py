@@ -140,7 +140,7 @@ def shard_model(
     for m in fsdp_modules(model):
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)
-    model.gradient_checkpointing = checkpointing
+    model.set_gradient_checkpointing(checkpointing)
     return model
 
 

@@ -33,6 +33,7 @@ temporaries (e.g. the logits' gradient), the KV cache (training has none).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -223,6 +224,18 @@ def _size(dtype: torch.dtype) -> int:
     return torch.tensor([], dtype=dtype).element_size()
 
 
+def _tensors(obj: Any) -> Iterator[Tensor]:
+    """The tensors in obj: itself, or inside tuples / lists / dataclasses (e.g. layers.ExtraAttention)."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _tensors(getattr(obj, f.name))
+
+
 @contextlib.contextmanager
 def _checkpoint_recorder(record: Callable[[Tensor], Tensor]) -> Iterator[None]:
     """Stand-in for torch.utils.checkpoint.checkpoint while measuring: the tensors a checkpointed call
@@ -233,10 +246,8 @@ def _checkpoint_recorder(record: Callable[[Tensor], Tensor]) -> Iterator[None]:
     original = cp.checkpoint
 
     def checkpoint(fn, *args, **kwargs):
-        for a in args:
-            for t in a if isinstance(a, tuple) else (a,):
-                if isinstance(t, Tensor):
-                    record(t)
+        for t in _tensors(args):
+            record(t)
         with torch.no_grad():
             out = fn(*args)
         return out.requires_grad_()
@@ -252,7 +263,7 @@ def activation_parts(model: nn.Module, strategy: Strategy) -> dict[str, int]:
     """Saved-for-backward bytes measured on the meta device through the model's own layer code:
     the decoder stack, T thinker iterations and the head, with checkpointing off and on, plus one
     block / one iteration alone (what a checkpointed backward recomputes at a time)."""
-    from hatlm.masks import bidirectional_mask, decoder_mask
+    from hatlm.masks import bidirectional_mask
 
     cfg = model.config
     B, S, d, dt = strategy.batch, strategy.seq_len, cfg.hidden_size, strategy.compute_dtype
@@ -273,7 +284,7 @@ def activation_parts(model: nn.Module, strategy: Strategy) -> dict[str, int]:
                 seen[st._cdata] = (st.nbytes(), t)
             return t
 
-        model.gradient_checkpointing = ckpt
+        model.set_gradient_checkpointing(ckpt)
         with contextlib.ExitStack() as stack:
             stack.enter_context(fused_sdpa())
             if ckpt:
@@ -283,15 +294,24 @@ def activation_parts(model: nn.Module, strategy: Strategy) -> dict[str, int]:
         return sum(n for n, _ in seen.values())
 
     n_dec = S + m
-    pos = torch.arange(n_dec, device=dev).expand(B, n_dec)
-    mask = model.build_mask(decoder_mask(pos, torch.full((B,), n_dec, device=dev), cfg.sliding_window), B, n_dec, n_dec)
-
     # The decoder's input needs a gradient only if something trainable produced it (embeddings or slots).
     x_grad = model.decoder.embed_tokens.weight.requires_grad or m > 0
+    prompt_lengths = torch.full((B,), strategy.prompt_len, device=dev) if m > 0 else None
+    seq_lengths = torch.full((B,), n_dec, device=dev)
 
     def decoder(k: int) -> Callable[[], Any]:
+        """The model's own decoder pass (extra-position attention included) over its first k layers."""
         x = torch.empty(B, n_dec, d, dtype=dt, device=dev, requires_grad=x_grad)
-        return lambda: model.run_layers(model.decoder.layers[:k], x, pos, mask)
+
+        def run() -> Tensor:
+            layers = model.decoder.layers
+            model.decoder.layers = layers[:k]
+            try:
+                return model.decoder_pass(x, prompt_lengths, seq_lengths)
+            finally:
+                model.decoder.layers = layers
+
+        return run
 
     def stack(ckpt: bool, n: int) -> tuple[int, int]:
         """Bytes for n identical layers from measuring 1 and 2 (the rest is linear), and for 1."""
@@ -313,19 +333,8 @@ def activation_parts(model: nn.Module, strategy: Strategy) -> dict[str, int]:
         valid = torch.ones(B, N, dtype=torch.bool, device=dev)
 
         def think(k: int) -> Callable[[], Any]:
-            # The loop of HatLM.think: each iteration one (checkpointed when on) thinker step.
-            import torch.utils.checkpoint as cp
-
-            def run() -> Tensor:
-                z = torch.empty(B, N, d, dtype=dt, device=dev, requires_grad=True)
-                for _ in range(k):
-                    if model.gradient_checkpointing:
-                        z = cp.checkpoint(model.thinker.step, z, rope, tmask, valid, use_reentrant=False)
-                    else:
-                        z = model.thinker.step(z, rope, tmask, valid)
-                return z
-
-            return run
+            z = torch.empty(B, N, d, dtype=dt, device=dev, requires_grad=True)
+            return lambda: model.thinker.iterate(z, rope, tmask, valid, k, 0.0)
 
         parts.update(think_off=measure(think(T), False), think_on=measure(think(T), True),
                      iteration=measure(think(1), False))  # fmt: skip
@@ -345,7 +354,7 @@ def activation_parts(model: nn.Module, strategy: Strategy) -> dict[str, int]:
     emb = int(model.decoder.embed_tokens.weight.requires_grad)  # gathers save frozen embeddings not at all
     rows = {"causal": 0, "pause": (S + m) + m + emb * S, "hybrid": (S + m) + m + 2 * (P + m) + emb * (S + P)}[cfg.arm]
     parts["glue"] = B * rows * d * _size(dt)
-    model.gradient_checkpointing = was_ckpt
+    model.set_gradient_checkpointing(was_ckpt)
     model.train(was_training)
     return parts
 
