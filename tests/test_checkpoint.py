@@ -339,3 +339,46 @@ def test_cli_prints_checkpoint_errors_as_one_line(tmp_path, capsys):
     assert main(["info", str(tmp_path / "copy")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("hatlm info: error:") and "no config.json" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("encoder_layers", [0, 1])
+@pytest.mark.parametrize("m", [0, 4, 16])
+def test_hybrid_from_mistral_starts_at_the_base_for_any_number_of_slots(mistral_folder, m, encoder_layers):
+    """Every path from thinking to the decoder (the thoughts as keys, the prompt refinement, the
+    reading of the first answer token) is closed at a fresh start: logits = transformers' to 1e-5."""
+    folder, hf = mistral_folder
+    hyb = hatlm.load(folder, arm="hybrid", thought_slots=m, encoder_layers=encoder_layers)
+    ids = _ids()
+    valid = torch.arange(8)[None] < LENGTHS[:, None]
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=valid.long()).logits
+        out = hyb(ids, prompt_lengths=PL, lengths=LENGTHS)
+    assert out.think is not None and int(out.iterations.min()) > 0  # it did think …
+    if m:
+        assert out.think.thoughts(m).std() > 0
+    diff = (out.logits - ref)[valid].abs().max().item()
+    print(f"max|hybrid from Mistral (m={m}, encoder_layers={encoder_layers}) - transformers|: {diff:.3g}")
+    assert diff <= 1e-5  # … and yet speaks exactly as the base model
+    # Opening the decoder's gates lets the thoughts in (so the equality above is not vacuous).
+    if m:
+        with torch.no_grad():
+            for g in hyb.thought_gate:
+                g.fill_(0.5)
+            opened = hyb(ids, prompt_lengths=PL, lengths=LENGTHS).logits
+        assert (opened - ref)[valid].abs().max().item() > 1e-3
+
+
+def test_init_from_writes_a_hybrid_checkpoint_equal_to_loading_it(mistral_folder, tmp_path):
+    from hatlm.cli import main
+
+    folder, _ = mistral_folder
+    out = tmp_path / "hybrid"
+    assert main(["init-from", str(folder), str(out), "--arm", "hybrid", "--thought-slots", "4", "--seed", "3"]) == 0
+    saved = hatlm.load(out)
+    direct = hatlm.load(folder, arm="hybrid", thought_slots=4, seed=3)
+    assert saved.config.arm == "hybrid" and saved.config.num_thought_slots == 4
+    a, b = saved.state_dict(), direct.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit):
+        main(["init-from", str(folder)])  # OUT missing: argparse usage error
+    assert main(["init-from", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2

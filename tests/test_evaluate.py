@@ -136,6 +136,13 @@ def test_eval_cli(tmp_path, capsys):
     assert main(["eval", str(causal), "--data", str(data), "--think-iters", "3"]) == 2
     assert "--think-iters applies to the hybrid arm" in capsys.readouterr().err
 
+    # --device / --dtype: float64 on the CPU gives the same answers; a device that is not here is refused.
+    assert main(["eval", str(ckpt), "--data", str(data), "--json", "--device", "cpu", "--dtype", "float64"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0
+    if not torch.cuda.is_available():
+        assert main(["eval", str(ckpt), "--data", str(data), "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+
 
 # ------------------------------------------------------------------------------ FLOPs
 

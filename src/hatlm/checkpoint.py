@@ -20,8 +20,9 @@ overridden take `HybridConfig`'s defaults, the decoder weights come from the fol
 the folder cannot hold are fresh:
   * hybrid: the refinement path (thought slots, zero prompt projection, gate) from
     `HatLM.reset_refinement()`, and the thinker's K layers copied from the first K decoder layers
-    (`thinker_init="copy_first"`) or random (`"random"`). With zero thought slots the model's logits
-    are then exactly the base model's.
+    (`thinker_init="copy_first"`) or random (`"random"`), and the decoder's gates on the thought
+    positions (`thought_gate.*`) at zero. The model's logits are then the base model's for any number
+    of thought slots (docs/design.md, "Starts as its base").
   * causal / pause: the K extra decoder layers (`config.decoder_layers = L + K`, the parameter-matched
     baselines) are appended at the end and initialised as the identity: random q/k/v/gate/up
     projections but zero `o_proj` and `down_proj`, so each extra layer adds exactly zero to the
@@ -32,6 +33,10 @@ Saving (`save_model`) writes into a temporary folder next to the target and rena
 so an existing checkpoint is never replaced by a half-written one. A saved causal or pause arm writes
 its real decoder depth (L + K) as `num_hidden_layers` (with `hatlm.backbone_layers = L`) so that a
 causal-arm checkpoint loads unchanged in transformers' `MistralForCausalLM`.
+
+Why one ~700-line module: loading and saving share the name mapping, the safetensors reader/writer and
+the error reporting (which tensor is missing, in which shard); split, each half would import the
+other's internals.
 """
 
 from __future__ import annotations

@@ -300,22 +300,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         sliding_window=256,
         hybrid=dict(thinker_layers=2, thought_slots=8, max_think_iters=4),
     ),
-    # Same shapes on a byte vocabulary (259 = 256 bytes + BOS/EOS/PAD): for from-scratch runs on tasks.
-    "tiny-bytes": dict(
-        vocab_size=259,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        sliding_window=None,
-        tie_word_embeddings=True,
-        bos_token_id=256,
-        eos_token_id=257,
-        pad_token_id=258,
-        hybrid=dict(thinker_layers=2, thought_slots=8, max_think_iters=4),
-    ),
     "small": dict(
         vocab_size=32000,
         hidden_size=512,
@@ -341,3 +325,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         hybrid=dict(thinker_layers=2, thought_slots=16, max_think_iters=4),
     ),
 }
+# Same shapes as `tiny` on a byte vocabulary (259 = 256 bytes + BOS/EOS/PAD): from-scratch runs on tasks.
+PRESETS["tiny-bytes"] = dict(
+    PRESETS["tiny"], vocab_size=259, sliding_window=None, tie_word_embeddings=True,
+    bos_token_id=256, eos_token_id=257, pad_token_id=258,
+)  # fmt: skip

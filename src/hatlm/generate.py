@@ -21,6 +21,10 @@ honours unmerged adapters.
 
 Two entry points: `generate(model, tokenizer, prompts, …)` (texts, streaming, statistics) and
 `generate_ids(model, input_ids, …)`, the transformers-style call behind `model.generate(input_ids, …)`.
+
+Why one ~600-line module: the decode state, sampling, stop strings/streaming and the loop are the
+four parts of one loop over tokens and change together; the thinking mechanisms it calls live in
+thinking.py, the layer math in layers.py.
 """
 
 from __future__ import annotations

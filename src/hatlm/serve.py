@@ -19,6 +19,9 @@ Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}} with 4
 
 Length: ~600 lines in one module on purpose — the engine, the request validation and the HTTP
 handlers share the OpenAI request/response shapes, and reading them together is the point.
+
+Why ~570 lines: the request schemas, the batching engine and the HTTP/SSE layer of one server; the
+chat templates live in chat.py, generation in generate.py.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the handlers' annotations (`Request`)
