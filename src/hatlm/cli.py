@@ -114,6 +114,13 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="weights' dtype (default float32, with bf16 autocast on GPU; bfloat16 e.g. for a LoRA base)")
+    p.add_argument("--lora", metavar="SPEC",
+                   help="PEFT LoRA on the backbone projections, thinker/slots/gates trained fully: "
+                        "r=16,alpha=32[,dropout=0.05][,targets=q_proj+k_proj+v_proj+o_proj+gate_proj+up_proj+down_proj]")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute activations in backward (less memory, ~1/3 more compute)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch (default: torch's choice; 1 is best for tiny models on a busy machine)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -138,7 +145,9 @@ def train_config_from_args(args: argparse.Namespace):
     over = parse_set_items(args.set)
     for key, val in (("data", args.data), ("eval", args.eval), ("preset", args.preset),
                      ("init_from", args.init_from), ("arm", args.arm), ("steps", args.steps), ("seed", args.seed),
-                     ("lr", args.lr), ("batch_size", args.batch_size), ("device", args.device)):
+                     ("lr", args.lr), ("batch_size", args.batch_size), ("device", args.device),
+                     ("dtype", args.dtype), ("lora", args.lora),
+                     ("gradient_checkpointing", args.gradient_checkpointing)):
         if val is not None:
             over[key] = val
     if over:

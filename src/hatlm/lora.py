@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,7 @@ def add_lora(model: nn.Module, spec: LoraSpec, base: str | None = None) -> list[
         if train:
             trainable.append(p)
     model.hatlm_lora_spec = spec  # read by save_adapter
+    model.hatlm_lora_base = base
     return trainable
 
 
@@ -223,6 +225,35 @@ def save_adapter(model: nn.Module, folder: str | Path, base: str | None = None) 
         save_file(thinking, str(folder / TRAINABLE_FILE), metadata={"format": "pt"})
     (folder / BASE_FILE).write_text(json.dumps({**base_info(model), "base": base}, indent=2) + "\n")
     return folder
+
+
+def save_adapter_checkpoint(model: nn.Module, folder: str | Path, tokenizer: Any | None = None,
+                            write_extra: Any | None = None) -> Path:  # fmt: skip
+    """save_adapter (+ tokenizer + extra files) written into a temporary folder and renamed into place, like
+    hatlm.checkpoint.save_model: a training checkpoint of a LoRA run holds the adapter, not the base."""
+    import os
+    import uuid
+
+    from hatlm.checkpoint import _replace_dir
+
+    folder = Path(folder).expanduser()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        save_adapter(model, tmp, base=getattr(model, "hatlm_lora_base", None))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if write_extra is not None:
+            write_extra(tmp)
+        _replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def is_adapter_folder(folder: str | Path) -> bool:
+    return (Path(folder) / "adapter_config.json").is_file()
 
 
 def read_adapter_config(folder: str | Path) -> tuple[LoraSpec, dict[str, Any]]:

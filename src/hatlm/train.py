@@ -103,6 +103,9 @@ class TrainConfig:
     think_iters: int | None = None  # thinking iterations while training (None: the model's max_think_iters)
     think_iters_min: int | None = None  # if set, sample the iterations uniformly in [min, think_iters] per step
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "float32"  # weights: float32 (bf16 autocast on GPU) or bfloat16 (e.g. LoRA's frozen base)
+    lora: str | None = None  # "r=16,alpha=32[,dropout=0.05][,targets=q_proj+v_proj]": PEFT LoRA on the backbone
+    gradient_checkpointing: bool = False  # recompute each layer / thinking iteration in backward
     data_seed: int = 0  # seed of built-in task generation (same data for every training seed)
     task_train_size: int = 5000
     task_eval_size: int = 500
@@ -166,6 +169,15 @@ class TrainConfig:
             )
         if "arm" in self.model:
             raise ConfigError("set the arm with the top-level `arm:` key (or --arm), not under `model:`")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be float32, bfloat16 or float16; got {self.dtype!r}")
+        if self.lora is not None:
+            from hatlm.lora import parse_lora_spec
+
+            try:
+                parse_lora_spec(self.lora)
+            except UserError as e:
+                raise ConfigError(str(e)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,7 +185,7 @@ class TrainConfig:
 
 # Keys that may change between a checkpoint and its resumption without changing the trained weights.
 RESUME_MUTABLE = {"eval", "eval_every", "eval_max_examples", "eval_batch_size", "save_every", "keep_checkpoints",
-                  "device", "tensorboard"}
+                  "device", "tensorboard", "gradient_checkpointing"}
 
 
 def _model_keys() -> set[str]:
@@ -279,6 +291,17 @@ def _restore_scheduler(scheduler, state: dict[str, Any], step: int) -> None:
                 scheduler.step()
 
 
+def training_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The weights' dtype for training on `device`; one the device cannot train in is an error."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if dtype == torch.float16:
+        raise UserError("dtype float16 is not supported for training (it needs loss scaling); use bfloat16 "
+                        "(on a GPU with bf16 support) or float32")  # fmt: skip
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"dtype bfloat16: {torch.cuda.get_device_name(device)} does not support bf16; use float32")
+    return dtype
+
+
 def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices; not norms, biases, the gate's scalar temperature or the thought slots
     (decaying the slots would pull the thoughts toward zero, i.e. toward 'no thought')."""
@@ -326,20 +349,35 @@ def train(
     if not resume and (latest_checkpoint(out) is not None or (out / METRICS).exists()):
         raise UserError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     device = resolve_device(cfg.device)
-    autocast = device.type == "cuda"  # bf16 autocast on GPU; float32 on CPU (no fast bf16 here)
+    dtype = training_dtype(cfg.dtype, device)
+    # bf16 autocast on GPU (and for bf16 weights on the CPU, where trained fp32 parts meet the bf16 base).
+    autocast = device.type == "cuda" or dtype != torch.float32
 
     state: dict[str, Any] | None = None
     if ckpt is not None:
         state = load_state(ckpt)
         _check_resume_config(TrainConfig(**state["config"]), cfg, ckpt)
-        # float32 weights on every device: on a GPU the forward runs under bf16 autocast.
-        model, tokenizer = load_model_and_tokenizer(ckpt, device=device, dtype=torch.float32)
+    if ckpt is not None and not cfg.lora:
+        model, tokenizer = load_model_and_tokenizer(ckpt, device=device, dtype=dtype)
     else:
-        seed_everything(cfg.seed)
+        if ckpt is None:
+            seed_everything(cfg.seed)
         if cfg.init_from and not Path(cfg.init_from).is_dir():
             raise UserError(f"init_from {cfg.init_from}: no such checkpoint folder")
         model, tokenizer = load_model_and_tokenizer(cfg.init_from or cfg.preset, arm=cfg.arm, device=device,
-                                                    dtype=torch.float32, seed=cfg.seed, **cfg.model)
+                                                    dtype=dtype, seed=cfg.seed, **cfg.model)
+        if cfg.lora:
+            from hatlm.lora import add_lora, load_adapter, parse_lora_spec
+
+            # A LoRA checkpoint holds the adapter and the thinking path; the base is rebuilt as at the start.
+            if ckpt is not None:
+                load_adapter(model, ckpt)
+            else:
+                add_lora(model, parse_lora_spec(cfg.lora), base=cfg.init_from or cfg.preset)
+            for p in model.parameters():  # trained tensors in float32 whatever the base's dtype
+                if p.requires_grad:
+                    p.data = p.data.float()
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing)
     model.train()
     pad_id = tokenizer.pad_id
 
