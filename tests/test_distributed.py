@@ -188,3 +188,78 @@ def test_world_size_must_divide_the_batch():
 def test_shard_model_without_process_group_is_a_clear_error():
     with pytest.raises(UserError, match="torchrun"):
         shard_model(make_model(False), DistEnv())
+
+
+# ------------------------------------------------------------------------------------ hatlm train under torchrun
+
+
+def _train_cfg(tmp, **extra):
+    from test_train import TINY_RUN
+
+    from hatlm.data import write_jsonl
+    from hatlm.tasks import make_split
+    from hatlm.train import TrainConfig
+
+    data = f"{tmp}/train.jsonl"
+    if not os.path.exists(data):
+        train_ex, _ = make_split("recall", seed=0, n_train=64, n_eval=8, train_difficulties=[2], eval_difficulties=[2])
+        write_jsonl(train_ex, data)
+    return TrainConfig(**{**TINY_RUN, "think_iters_min": None, "data": [data], "steps": 6, "save_every": 3,
+                          "eval_every": 0, "device": "cpu", **extra})  # fmt: skip
+
+
+def job_train_stop(env: DistEnv, tmp: str) -> None:
+    from hatlm.train import train
+
+    def stop(step, loss):
+        if step == 5:
+            raise KeyboardInterrupt  # after the checkpoint at step 3
+        return loss
+
+    try:
+        train(_train_cfg(tmp, lora="r=2,alpha=4"), f"{tmp}/stopped", progress=False, loss_hook=stop)
+    except KeyboardInterrupt:
+        pass
+
+
+def job_train_resume(env: DistEnv, tmp: str) -> None:
+    from hatlm.train import train
+
+    train(_train_cfg(tmp, lora="r=2,alpha=4"), f"{tmp}/stopped", resume=True, progress=False)
+
+
+@pytest.mark.slow
+def test_torchrun_train_equals_one_process_and_lora_resume_is_exact(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from hatlm.train import train
+
+    cfg = _train_cfg(tmp_path)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "hatlm"]
+    r = subprocess.run([*torchrun, "train", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "two"),
+                        "--no-progress"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("trained hybrid for 6 steps") == 1  # rank 0 reports
+    one = train(cfg, tmp_path / "one", progress=False)
+    a, b = hatlm.load(tmp_path / "one" / "model").state_dict(), hatlm.load(tmp_path / "two" / "model").state_dict()
+    assert_state_close(b, a, atol=1e-5)
+    curve = [r["loss"] for r in map(__import__("json").loads, open(tmp_path / "two" / "metrics.jsonl"))]
+    assert curve[-1] == pytest.approx(one["final_loss"], rel=1e-5) and len(curve) == 6
+    # A global batch the processes cannot share is refused with a clear message.
+    odd = [*torchrun, "train", "--config", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "odd"), "--batch-size",
+           "7", "--no-progress"]  # fmt: skip
+    r = subprocess.run(odd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "does not divide among 2 processes" in r.stderr
+
+    # LoRA under FSDP: stopped after its step-3 checkpoint, resumed, equals the uninterrupted 1-process run.
+    spawn("job_train_stop", tmp_path)
+    assert not (tmp_path / "stopped" / "model").exists()
+    spawn("job_train_resume", tmp_path)
+    train(_train_cfg(tmp_path, lora="r=2,alpha=4"), tmp_path / "lora1", progress=False)
+    a = hatlm.load(tmp_path / "lora1" / "model").state_dict()
+    assert_state_close(hatlm.load(tmp_path / "stopped" / "model").state_dict(), a, atol=1e-5)

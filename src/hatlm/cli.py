@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -172,7 +173,15 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = train_config_from_args(args)
     _set_threads(args.threads)
-    res = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    try:
+        res = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # started by torchrun (hatlm.distributed)
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     print(f"trained {res['arm']} for {res['steps']} steps in {res['wall_time_s']:.1f}s; final train loss "
           f"{res['final_loss']:.4f}; {res['params']['total']:,} parameters")
     for name, r in res["eval"].items():

@@ -250,3 +250,75 @@ def export_hf(model: nn.Module, folder: str | Path, env: DistEnv) -> Path | None
         out = save_model(plain, folder)
     _barrier()
     return out
+
+
+# ------------------------------------------------------------------------------------ hatlm train under torchrun
+
+
+class NullMetrics:
+    """The metrics log of ranks other than 0 (rank 0 writes the run's records)."""
+
+    def write(self, rec: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def rank_rows(rows: list, env: DistEnv) -> list:
+    """This rank's contiguous share of a micro-batch's rows (the global batch must divide evenly)."""
+    b = per_rank_batch(len(rows), env.world_size)
+    return rows[env.rank * b : (env.rank + 1) * b]
+
+
+def all_sum(values: list[float], env: DistEnv) -> list[float]:
+    """Sum per-rank numbers over all ranks (loss shares, token counts) for the run's metrics."""
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def full_norm(norm: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_ over DTensor gradients returns a DTensor: the plain global norm."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def save_train_checkpoint(out: Path, model: nn.Module, optimizer, tokenizer, state: dict[str, Any], step: int,
+                          keep: int, env: DistEnv) -> Path:  # fmt: skip
+    """checkpoints/step-N of a sharded run: model and optimizer with torch.distributed.checkpoint (every
+    rank writes its shards) in step-N/dcp, then rank 0 adds the trainer state (scheduler, RNGs, data order)
+    and the tokenizer and moves the `latest` pointer. A stop at any moment leaves the previous one intact."""
+    from hatlm.trainstate import CHECKPOINTS, LATEST, STATE_FILE
+    from hatlm.util import atomic_write_text
+
+    root = out / CHECKPOINTS
+    name = f"step-{step:08d}"
+    final = root / name
+    if env.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            shutil.rmtree(final)
+        final.mkdir()
+    _barrier()
+    save_checkpoint(final / "dcp", model, optimizer, step=step)
+    if env.is_main:
+        torch.save({k: v for k, v in state.items() if k != "optimizer"}, final / f".{STATE_FILE}.tmp")
+        os.replace(final / f".{STATE_FILE}.tmp", final / STATE_FILE)
+        if tokenizer is not None:
+            tokenizer.save(final)
+        atomic_write_text(root / LATEST, name + "\n")
+        older = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name != name)
+        for p in older[: max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def save_final_sharded(out: Path, model: nn.Module, tokenizer, env: DistEnv) -> Path:
+    """OUT/model of a sharded run: the gathered weights as a plain HF-layout checkpoint (LoRA merged)."""
+    folder = out / "model"
+    export_hf(model, folder, env)
+    if env.is_main and tokenizer is not None:
+        tokenizer.save(folder)
+    _barrier()
+    return folder

@@ -25,6 +25,13 @@ Exact resume: the data order is a pure function of (seed, epoch, position), the 
 scheduler and every RNG are restored, and metrics after the checkpoint are discarded, so a run
 killed at any point and resumed with `--resume` ends with the same weights (bit for bit) and the
 same loss curve as a run that was never interrupted (on the same machine and thread count).
+
+LoRA (`--lora r=16,alpha=32`, hatlm.lora): PEFT adapters on the backbone, the thinking path trained
+fully; checkpoints hold the adapter (the base is rebuilt from init_from on resume); the run ends with
+OUT/adapter (PEFT format) and OUT/model (merged). Under torchrun (WORLD_SIZE > 1) the model is sharded
+with FSDP2 (hatlm.distributed): every rank runs its share of each micro-batch, gradients are summed,
+checkpoints are torch.distributed.checkpoint folders, OUT/model is gathered on rank 0.
+(Over 500 lines: one training loop with its single-process, LoRA and sharded paths side by side.)
 """
 
 from __future__ import annotations
@@ -44,6 +51,19 @@ from torch import Tensor
 from hatlm.config import ARMS, HybridConfig, ModelConfig
 from hatlm.data import collate
 from hatlm.datasets import DataOrder, build_sources
+from hatlm.distributed import (
+    NullMetrics,
+    all_sum,
+    env_world_size,
+    full_norm,
+    init_distributed,
+    load_checkpoint,
+    per_rank_batch,
+    rank_rows,
+    save_final_sharded,
+    save_train_checkpoint,
+    shard_model,
+)
 from hatlm.errors import ConfigError, UserError
 from hatlm.evaluate import answer_loss, forward_batch, subsample_rows, teacher_forced
 from hatlm.loader import load_model_and_tokenizer
@@ -348,16 +368,27 @@ def train(
     ckpt = latest_checkpoint(out) if resume else None
     if not resume and (latest_checkpoint(out) is not None or (out / METRICS).exists()):
         raise UserError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    device = resolve_device(cfg.device)
+    env = None
+    if env_world_size() > 1:  # under torchrun: FSDP2 over all processes (hatlm.distributed)
+        env = init_distributed(None if cfg.device == "auto" else cfg.device)
+        per_rank_batch(cfg.batch_size, env.world_size)
+        if not env.is_main:
+            progress = False
+            say = lambda s: None  # noqa: E731
+    device = env.device if env is not None else resolve_device(cfg.device)
     dtype = training_dtype(cfg.dtype, device)
     # bf16 autocast on GPU (and for bf16 weights on the CPU, where trained fp32 parts meet the bf16 base).
     autocast = device.type == "cuda" or dtype != torch.float32
+    if env is not None:
+        autocast = False  # FSDP2's MixedPrecisionPolicy computes in bf16 on GPUs
+        if dtype != torch.float32:
+            raise UserError("multi-process (FSDP2) training keeps float32 master weights: use --dtype float32")
 
     state: dict[str, Any] | None = None
     if ckpt is not None:
         state = load_state(ckpt)
         _check_resume_config(TrainConfig(**state["config"]), cfg, ckpt)
-    if ckpt is not None and not cfg.lora:
+    if ckpt is not None and not cfg.lora and env is None:
         model, tokenizer = load_model_and_tokenizer(ckpt, device=device, dtype=dtype)
     else:
         if ckpt is None:
@@ -370,7 +401,7 @@ def train(
             from hatlm.lora import add_lora, load_adapter, parse_lora_spec
 
             # A LoRA checkpoint holds the adapter and the thinking path; the base is rebuilt as at the start.
-            if ckpt is not None:
+            if ckpt is not None and env is None:
                 load_adapter(model, ckpt)
             else:
                 add_lora(model, parse_lora_spec(cfg.lora), base=cfg.init_from or cfg.preset)
@@ -378,6 +409,9 @@ def train(
                 if p.requires_grad:
                     p.data = p.data.float()
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    params = model.num_parameters()
+    if env is not None:
+        shard_model(model, env, checkpointing=cfg.gradient_checkpointing)
     model.train()
     pad_id = tokenizer.pad_id
 
@@ -390,7 +424,10 @@ def train(
     order = DataOrder(len(train_src), cfg.seed)
     step, elapsed = 0, 0.0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if env is not None:  # a sharded run's model and optimizer come from its distributed checkpoint
+            load_checkpoint(ckpt / "dcp", model, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         _restore_scheduler(scheduler, state["scheduler"], state["step"])
         if state["data"]["n"] != len(train_src):
             raise UserError(
@@ -400,19 +437,25 @@ def train(
         order.consumed = state["data"]["consumed"]
         step, elapsed = state["step"], state["elapsed_s"]
         set_rng_state(state["rng"])
-        truncate_metrics(out / METRICS, step)
+        if env is None or env.is_main:
+            truncate_metrics(out / METRICS, step)
         say(f"resuming {out} from {ckpt.name} (step {step} of {cfg.steps})")
-    else:
+    elif env is None or env.is_main:
         truncate_metrics(out / METRICS, -1)
     save_config(cfg, out / CONFIG_FILE)
-    metrics = MetricsLog(out, cfg.tensorboard)
-    params = model.num_parameters()
+    metrics = MetricsLog(out, cfg.tensorboard) if env is None or env.is_main else NullMetrics()
     h = model.config.hybrid
     max_iters = h.max_think_iters if cfg.think_iters is None else cfg.think_iters
 
     def checkpoint_state() -> dict[str, Any]:
         return {"step": step, "elapsed_s": elapsed, "config": cfg.to_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "data": order.state_dict()}
+
+    def save_ckpt() -> Path:
+        if env is not None:
+            return save_train_checkpoint(out, model, optimizer, tokenizer, checkpoint_state(), step,
+                                         cfg.keep_checkpoints, env)  # fmt: skip
+        return save_checkpoint(out, model, tokenizer, checkpoint_state(), step, cfg.keep_checkpoints)
 
     def evaluate(step_now: int) -> dict[str, dict[str, float]]:
         res = {}
@@ -437,7 +480,10 @@ def train(
             rows = [train_src.get(i, e) for i, e in picks]
             micro = [collate([(r[0], r[1]) for r in rows[j : j + cfg.batch_size]], pad_id)
                      for j in range(0, len(rows), cfg.batch_size)]
-            n_target = sum(int(b.target_mask[:, 1:].sum()) for b in micro)
+            n_target = sum(int(b.target_mask[:, 1:].sum()) for b in micro)  # over the global batch
+            if env is not None:  # each rank runs its share of every micro-batch; gradients are summed
+                micro = [collate([(r[0], r[1]) for r in rank_rows(rows[j : j + cfg.batch_size], env)], pad_id)
+                         for j in range(0, len(rows), cfg.batch_size)]
             iters = max_iters
             if cfg.think_iters_min is not None:
                 # Sampled from the torch RNG, whose state every checkpoint saves.
@@ -457,8 +503,11 @@ def train(
                 loss_total += float(loss.detach())
                 it_sum += float(out_.iterations.float().sum())
                 tokens += int(batch.lengths.sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                 cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+            if env is not None:
+                loss_total, it_sum, tokens = all_sum([loss_total, it_sum, tokens], env)
+                tokens = int(tokens)
             if not torch.isfinite(grad_norm):
                 _diverged(metrics, step + 1, "gradient norm", float(grad_norm), last_good, optimizer)
             lr_now = optimizer.param_groups[0]["lr"]
@@ -487,13 +536,16 @@ def train(
             if on_step is not None:
                 on_step(step)
             if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-                last_good = save_checkpoint(out, model, tokenizer, checkpoint_state(), step, cfg.keep_checkpoints)
+                last_good = save_ckpt()
     finally:
         bar.close()
         metrics.close()
     if last_good is None or last_good.name != f"step-{step:08d}":
-        last_good = save_checkpoint(out, model, tokenizer, checkpoint_state(), step, cfg.keep_checkpoints)
-    model_dir = save_final_model(out, model, tokenizer)
+        last_good = save_ckpt()
+    if env is None:
+        model_dir = save_final_model(out, model, tokenizer)
+    else:
+        model_dir = save_final_sharded(out, model, tokenizer, env)
     if math.isnan(last_loss):  # resumed a finished run: report the recorded final loss
         train_recs = [r for r in read_metrics(out) if r["split"] == "train"]
         last_loss = train_recs[-1]["loss"] if train_recs else float("nan")
