@@ -77,9 +77,11 @@ def test_lora_resume_is_exact(setup, tmp_path):
 
 def test_bf16_base_and_gradient_checkpointing(setup, tmp_path):
     # bf16 frozen base, fp32 trained tensors, checkpointing on: trains (finite loss) on the CPU.
-    res = train(run_cfg(setup, dtype="bfloat16", gradient_checkpointing=True, steps=2, save_every=0),
+    res = train(run_cfg(setup, dtype="bfloat16", gradient_checkpointing=True, steps=2, save_every=0,
+                        eval=[str(setup / "train.jsonl")], eval_max_examples=8),
                 tmp_path / "bf16", progress=False)  # fmt: skip
     assert torch.isfinite(torch.tensor(res["final_loss"]))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in res["eval"].values())
     # Gradient checkpointing alone changes nothing numerically (float32).
     a = train(run_cfg(setup, steps=2, save_every=0), tmp_path / "a", progress=False)
     b = train(run_cfg(setup, steps=2, save_every=0, gradient_checkpointing=True), tmp_path / "b", progress=False)
