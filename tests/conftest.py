@@ -70,6 +70,17 @@ def tiny_config() -> Callable[..., ModelConfig]:
     return make_config
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    # One torch thread for the whole suite: tiny models gain nothing from a second thread, on a shared
+    # 2-core machine a parallel region waits for whichever core is busy elsewhere (10x slower), and
+    # float reductions then run in one order whatever the machine. Restored at the end.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     # Every test starts from the same RNG state, whatever ran before it.

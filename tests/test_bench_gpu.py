@@ -63,6 +63,7 @@ def test_tiny_cpu_run_reports_every_section(tmp_path, monkeypatch, capsys):
         assert title in md
 
 
+@pytest.mark.slow
 def test_failing_section_is_reported_and_others_still_run(tmp_path, monkeypatch):
     bench = load_bench()
 
@@ -119,6 +120,7 @@ def test_baseline_failure_keeps_hatlm_decode_numbers(tmp_path, monkeypatch):
     assert dec["engines"]["hatlm causal"]["decode_tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_imports_without_tokenizer_packages():
     """The GPU machine lacks mistral-common (and may lack sentencepiece): a fresh interpreter that cannot
     import them must still import the benchmark and everything it pulls from hatlm."""

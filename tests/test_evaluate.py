@@ -42,6 +42,9 @@ def memorise(model: hatlm.HatLM, examples: list[Example], max_steps: int = 300) 
         opt.zero_grad()
         loss.backward()
         opt.step()
+    # The oracle for every greedy text these tests expect: a mean answer loss under 0.02 over these
+    # ≤ 5 answer tokens (EOS included) puts each token's probability above e^-0.1 > 1/2, so it is the
+    # argmax, and greedy decoding reproduces the answers exactly.
     assert loss.item() < 0.02
     return model.eval()
 
@@ -93,6 +96,60 @@ def test_evaluate_text_matches_per_row_cross_entropy():
         assert r["tokens"] == count == 6 + 3 + 2
         assert r["loss"] == pytest.approx(total / count, rel=1e-5)
         assert r["perplexity"] == pytest.approx(torch.tensor(total / count).exp().item(), rel=1e-5)
+
+
+def test_answer_loss_against_per_token_cross_entropy():
+    """answer_loss on hand-made logits: the summed cross-entropy, the count and the per-row exact match
+    equal a loop over the answer tokens with F.cross_entropy on one position at a time."""
+    g = torch.Generator().manual_seed(0)
+    B, L, V = 3, 7, 11
+    ids = torch.randint(0, V, (B, L), generator=g)
+    logits = torch.randn(B, L, V, generator=g)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    mask[0, 3:7] = True  # row 0: 4 answer tokens, all predicted right (made so below)
+    mask[1, 2:5] = True  # row 1: 3 answer tokens, the middle one predicted wrong
+    mask[2, 6] = True  # row 2: 1 answer token, right; its other positions are wrong but not answers
+    for b in range(B):
+        for t in range(1, L):
+            if mask[b, t]:
+                logits[b, t - 1, ids[b, t]] += 20.0  # the target becomes the argmax
+    logits[1, 2, ids[1, 3]] -= 40.0
+    logits[2, :5] = -logits[2, :5]
+    from hatlm.evaluate import answer_loss
+
+    loss_sum, count, hit = answer_loss(logits, ids, mask)
+    ref, n = 0.0, 0
+    for b in range(B):
+        for t in range(1, L):
+            if mask[b, t]:
+                ref += F.cross_entropy(logits[b, t - 1][None], ids[b, t][None]).item()
+                n += 1
+    assert int(count) == n == 8
+    assert float(loss_sum) == pytest.approx(ref, rel=1e-6)
+    assert hit.tolist() == [True, False, True]
+
+
+def test_teacher_forced_exact_match_is_the_argmax_on_every_answer_token():
+    """teacher_forced's accuracy_tf and loss against the model run one row at a time: a row counts when
+    the argmax at every answer position (EOS included) is the answer token."""
+    from hatlm.evaluate import teacher_forced
+
+    model = trained_model("hybrid")
+    exs = TRAIN + [Example("ab?", "yz"), Example("cd?", "x"), Example("zz?", "q")]
+    rows = [encode_example(e, TOK) for e in exs]
+    right, total, count = [], 0.0, 0
+    with torch.no_grad():
+        for ids, p in rows:
+            lg = model(torch.tensor([ids]), prompt_lengths=torch.tensor([p])).logits[0, p - 1 : -1]
+            tgt = torch.tensor(ids[p:])
+            right.append(bool((lg.argmax(-1) == tgt).all()))
+            total += F.cross_entropy(lg, tgt, reduction="sum").item()
+            count += len(tgt)
+    assert right[:2] == [True, True] and right[2:4] == [False, False]  # memorised; swapped answers
+    for bs in (1, 2, 5):
+        r = teacher_forced(model, rows, TOK.pad_id, batch_size=bs)
+        assert r["accuracy_tf"] == pytest.approx(sum(right) / len(rows))
+        assert r["loss"] == pytest.approx(total / count, rel=1e-5) and r["tokens"] == count
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import make_config, make_hf_config
+from conftest import as_if_trained, make_config, make_hf_config
 
 from hatlm import generate as gen_mod
 from hatlm import thinking
@@ -19,16 +19,6 @@ from hatlm.model import HatLM
 from hatlm.tokenizer import ByteTokenizer
 
 ARMS = ("causal", "pause", "hybrid")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from a second thread, and on a shared 2-core machine a parallel region
-    # waits for whichever core is busy elsewhere (10x slower). Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 9, 10], [1, 40, 41, 42, 43, 44, 45, 46, 47]]
@@ -98,6 +88,7 @@ def test_unfused_projection_path_matches(monkeypatch):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_backend_prefill_matches_sdpa():
     model = _model("hybrid")
@@ -177,6 +168,90 @@ def test_sampling_filters():
     # repetition penalty: token 0 seen, 3/4 < 2 → greedy picks 1
     seen = torch.tensor([[True, False, False, False, False]])
     assert int(gen_mod._select(logits, seen, 0.0, None, None, 4.0, None)) == 1
+
+
+def _penalised(logits: torch.Tensor, seen: set[int], penalty: float) -> torch.Tensor:
+    """The CTRL repetition penalty written out token by token: a seen token's logit is divided by the
+    penalty when positive and multiplied by it when negative (both make it less likely)."""
+    out = logits.clone()
+    for t in seen:
+        out[t] = out[t] / penalty if out[t] > 0 else out[t] * penalty
+    return out
+
+
+def test_temperature_samples_from_the_tempered_softmax():
+    """Sampling frequencies at temperature T match softmax(logits / T): 20,000 draws, every token's
+    frequency within 4.5 standard errors (so T=1 or an unscaled softmax would fail: p(0) 0.64 vs 0.87)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    n = 20_000
+    for temp in (0.5, 2.0):
+        probs = torch.softmax(logits[0] / temp, -1)
+        gens = [torch.Generator().manual_seed(s) for s in range(n)]
+        picks = gen_mod._select(logits.expand(n, 4), None, temp, None, None, 1.0, gens)
+        freq = torch.bincount(picks, minlength=4).double() / n
+        se = (probs.double() * (1 - probs.double()) / n).sqrt()
+        assert bool(((freq - probs.double()).abs() <= 4.5 * se + 1e-12).all()), (temp, freq, probs)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p_and_renormalises():
+    """top_p 0.8 on p = softmax([3, 2, 1, 0, -1]) = (0.64, 0.24, 0.09, …) keeps tokens 0 and 1, sampled in
+    proportion 0.64 : 0.24."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    n = 20_000
+    gens = [torch.Generator().manual_seed(s) for s in range(n)]
+    picks = gen_mod._select(logits.expand(n, 5), None, 1.0, None, 0.8, 1.0, gens)
+    p = torch.softmax(logits[0], -1)[:2].double()
+    p = p / p.sum()
+    freq = torch.bincount(picks, minlength=5).double() / n
+    assert freq[2:].sum() == 0
+    assert abs(freq[0] - p[0]) <= 4.5 * (p[0] * (1 - p[0]) / n).sqrt()
+
+
+def test_repetition_penalty_equals_the_penalty_written_out():
+    """Greedy with repetition_penalty: every chosen token is the argmax of the raw logits penalised by
+    hand over the prompt and the tokens generated before it."""
+    model = _model("hybrid")
+    pen = 3.0
+    res = generate(model, None, PROMPTS, 10, repetition_penalty=pen, ignore_eos=True, output_logits=True)
+    changed = 0
+    for b, p in enumerate(PROMPTS):
+        toks = res.tokens[b]
+        # The logits are the model's own (unpenalised) at each step: recomputed in full they agree.
+        torch.testing.assert_close(res.logits[b], _full_logits(model, p, toks), atol=1e-5, rtol=0)
+        for i, t in enumerate(toks):
+            raw = res.logits[b][i]
+            assert t == int(_penalised(raw, set(p) | set(toks[:i]), pen).argmax())
+            changed += t != int(raw.argmax())
+    assert changed > 0  # the penalty did change some choices
+    # A seen token with a negative logit is pushed further down (−1 · 3 < −1.2), not up (−1 / 3).
+    logits = torch.tensor([[-1.0, -1.2, -5.0]])
+    seen = torch.tensor([[True, False, False]])
+    assert int(gen_mod._select(logits, seen, 0.0, None, None, pen, None)) == 1
+
+
+def test_halting_threshold_in_generate_is_thinks_halting():
+    """generate(halting_threshold=ε) thinks exactly as model.think(…, halting_threshold=ε): same
+    iterations per prompt (fewer than T_max for some), and the decoded logits are those of the model's
+    forward with the same ε."""
+    model = _model("hybrid", max_think_iters=8)
+    with torch.no_grad():
+        full = [model.think(torch.tensor([p]), torch.tensor([len(p)]), halting_threshold=0.0) for p in PROMPTS]
+    # ε above the smallest final change with halting off: at least that prompt stops before T_max.
+    changes = sorted(float(r.final_change[0]) for r in full)
+    eps = changes[0] * 1.5
+    res = generate(model, None, PROMPTS, 4, halting_threshold=eps, ignore_eos=True, output_logits=True)
+    iters = []
+    for b, p in enumerate(PROMPTS):
+        with torch.no_grad():
+            th = model.think(torch.tensor([p]), torch.tensor([len(p)]), halting_threshold=eps)
+            ids = torch.tensor([p + res.tokens[b]])
+            ref = model(ids, prompt_lengths=torch.tensor([len(p)]), halting_threshold=eps).logits[0]
+        iters.append(res.stats[b]["think_iterations"])
+        assert iters[-1] == int(th.iterations[0])
+        torch.testing.assert_close(res.logits[b], ref[len(p) - 1 : len(p) + 3], atol=1e-5, rtol=0)
+    assert min(iters) < 8
+    default = generate(model, None, PROMPTS, 1)
+    assert [s["think_iterations"] for s in default.stats] == [8, 8, 8]
 
 
 # ------------------------------------------------------------------------------ re-thinking
@@ -260,6 +335,40 @@ def test_refinement_lowers_its_objective_and_leaks_no_autograd_state(trained, ob
     torch.testing.assert_close(before, torch.tensor([s["refine_before"] for s in res.stats]), atol=1e-5, rtol=1e-5)
     # Off by default.
     assert generate(model, tok, prompts, 2).stats[0]["refine_before"] is None
+
+
+def _decoded(model: HatLM, ids: torch.Tensor, n: int, think) -> torch.Tensor:
+    """Logits [L − n, V] predicting tokens n.. of the single row `ids` [1, L], by one uncached decoder pass
+    over [prompt (+ refinement) ; the thoughts of `think` ; text]."""
+    m, L = model.config.num_thought_slots, ids.shape[1]
+    nt = torch.tensor([n])
+    h = model.decoder_hidden(ids, nt, think, torch.tensor([L + m]))
+    h = h.gather(1, model.token_index(nt, L)[..., None].expand(1, L, h.shape[-1]))
+    return model.logits_from_hidden(h)[0, n - 1 : L - 1]
+
+
+def test_refined_thoughts_are_the_thoughts_decoded():
+    """generate(refine_steps=G) decodes from the refined thoughts: its logits equal a full (uncached)
+    decoder pass over [prompt (+ refinement) ; refined thoughts ; generated text] and differ from the
+    same pass over the unrefined thoughts and from refine_steps=0. Thoughts reach the decoder only
+    through its thought gates, so they are opened (conftest.as_if_trained)."""
+    model = as_if_trained(HatLM(make_config(arm="hybrid", max_think_iters=2)).eval())
+    G, lr = 3, 0.3
+    for p in PROMPTS:
+        res = generate(model, None, [p], 5, refine_steps=G, refine_lr=lr, ignore_eos=True, output_logits=True)
+        plain = generate(model, None, [p], 5, ignore_eos=True, output_logits=True)
+        toks = res.tokens[0]
+        ids, n = torch.tensor([p + toks]), torch.tensor([len(p)])
+        with torch.no_grad():
+            think = model.think(ids, n)
+            refined, before, after = thinking.refine_thoughts(model, ids[:, : len(p)], n, think, G, lr, "entropy")
+            assert float(after[0]) < float(before[0])  # refinement moved the thoughts
+
+            want, unrefined = (_decoded(model, ids, len(p), th) for th in (refined, think))
+        torch.testing.assert_close(res.logits[0], want, atol=1e-5, rtol=0)
+        assert (res.logits[0] - unrefined).abs().max() > 1e-3
+        assert (res.logits[0][0] - plain.logits[0][0]).abs().max() > 1e-3
+        assert res.stats[0]["refine_after"] == pytest.approx(float(after[0]), abs=1e-5)
 
 
 def test_refinement_objectives_are_what_they_say(trained):

@@ -1,6 +1,6 @@
 """The plain causal path equals transformers' MistralForCausalLM (eager attention) on the same weights.
 
-DESIGN.md §1: logits to 1e-5 in float32. The weights reach hatlm the way real ones do: transformers
+docs/design.md §4: logits to 1e-5 in float32. The weights reach hatlm the way real ones do: transformers
 saves a sharded checkpoint (`save_pretrained(..., max_shard_size=...)`) and `hatlm.load` reads it.
 The config has GQA (4 heads, 2 KV heads) and a sliding window shorter than the sequence.
 """

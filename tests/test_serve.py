@@ -276,6 +276,7 @@ def _send(c, model_id: str, req: dict) -> str:
     return c.completions.create(model=model_id, **req).choices[0].text
 
 
+@pytest.mark.slow
 def test_concurrent_load_equals_requests_sent_alone(mistral_server):
     srv = mistral_server
     clients, per_client = 16, 8

@@ -79,6 +79,7 @@ def test_recomputed_attention_reproduces_the_layer_output(model):
         torch.testing.assert_close(mine, out, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_show_writes_page_and_rethink_matches_generate(model, tmp_path):
     tok = ByteTokenizer()
     page = show(model, tok, PROMPT, tmp_path / "out", think_iters=3, rethink_every=3, max_new_tokens=10)
@@ -124,6 +125,7 @@ d.textContent=errs.join(' | ');document.body.appendChild(d);});})();
 </script>"""
 
 
+@pytest.mark.slow
 def test_page_renders_in_headless_chromium(model, tmp_path):
     browser = _chromium()
     if browser is None:

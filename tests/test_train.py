@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,15 @@ from hatlm.cli import train_config_from_args as config_from_args
 from hatlm.data import Example, write_jsonl
 from hatlm.errors import ConfigError, UserError
 from hatlm.tasks import make_split
-from hatlm.train import TrainConfig, TrainingDiverged, apply_overrides, load_config, make_scheduler, train
+from hatlm.train import (
+    KILL_AT_STEP_ENV,
+    TrainConfig,
+    TrainingDiverged,
+    apply_overrides,
+    load_config,
+    make_scheduler,
+    train,
+)
 from hatlm.trainstate import latest_checkpoint, read_metrics
 
 # A tiny hybrid that exercises everything resume has to restore: AdamW moments, the LR schedule,
@@ -72,30 +79,25 @@ def _curve(out: Path) -> list[tuple]:
             for r in read_metrics(out)]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_exact(tmp_path, data_files):
     """A real `hatlm train` process SIGKILLed mid-run and resumed ends bit-identical to an
     uninterrupted run: same final weights, same loss curve (train and eval records)."""
     data, ev = data_files
-    steps = 60
+    steps = 24
     cfg = _write_config(tmp_path / "run.yaml", steps=steps, save_every=4)
     full, killed = tmp_path / "full", tmp_path / "killed"
 
     subprocess.run(_cmd(cfg, data, ev, full), check=True, env=_env(), capture_output=True, timeout=300)
 
-    proc = subprocess.Popen(_cmd(cfg, data, ev, killed), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while _latest_step(killed) < 8 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # The run SIGKILLs itself at the end of step 10 (train.KILL_AT_STEP_ENV): a hard kill at a chosen
+    # step, two steps after its last checkpoint (8), so that the metrics of steps 9-10 must be dropped.
+    r = subprocess.run(_cmd(cfg, data, ev, killed), env={**_env(), KILL_AT_STEP_ENV: "10"}, capture_output=True,
+                       timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     killed_at = _latest_step(killed)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert 8 <= killed_at < steps
+    assert killed_at == 8
+    assert max(rec["step"] for rec in read_metrics(killed)) == 10
     assert not (killed / "model").exists()  # the final model is only written at the end
 
     # `--resume` alone (no --config/--data) continues from the run's saved config.

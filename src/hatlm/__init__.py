@@ -26,7 +26,7 @@ def load(path_or_preset: str | Path, **overrides: Any) -> HatLM:
 
     `overrides` change config fields, including the hybrid ones (e.g. `arm="hybrid"`,
     `thought_slots=4`); loading a plain Mistral folder with `arm="hybrid"` initialises a hybrid
-    from it (DESIGN.md §3).
+    from it (docs/design.md §2: it then computes the Mistral model exactly).
     """
     if isinstance(path_or_preset, str) and path_or_preset in PRESETS:
         import torch

@@ -3,7 +3,7 @@
     hatlm compare --train FILE --eval FILE [--eval FILE ...] --out DIR [--steps N] [--seeds N]
                   [--arms causal,pause,hybrid] [--config FILE] [--set KEY=VALUE ...]
 
-Every arm (DESIGN.md §2: `causal`, `pause`, `hybrid`, parameter-matched by construction in
+Every arm (docs/design.md §3: `causal`, `pause`, `hybrid`, parameter-matched by construction in
 `ModelConfig`) is trained by `hatlm.train.train` on the same data, for the same steps, with the
 same seeds and hyper-parameters; only `arm` differs. Each trained model is then evaluated on every
 eval file: greedy exact-match accuracy for prompt/answer data (the `hatlm eval` measure), loss per

@@ -21,7 +21,7 @@ ARMS: tuple[str, ...] = ("causal", "pause", "hybrid")
 
 @dataclass
 class HybridConfig:
-    """The thinking part of the model (DESIGN.md §1) and which comparison arm is built.
+    """The thinking part of the model (docs/design.md §1) and which comparison arm is built.
 
     arm="causal": the thinker's layers become extra decoder layers (parameter-matched baseline).
     arm="pause":  causal decoder (with the extra layers) plus `thought_slots` learned positions.
@@ -330,3 +330,4 @@ PRESETS["tiny-bytes"] = dict(
     PRESETS["tiny"], vocab_size=259, sliding_window=None, tie_word_embeddings=True,
     bos_token_id=256, eos_token_id=257, pad_token_id=258,
 )  # fmt: skip
+PRESETS = {name: PRESETS[name] for name in ("tiny", "tiny-bytes", "small", "mistral-7b")}  # listing order

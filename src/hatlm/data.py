@@ -1,6 +1,6 @@
 """Data: prompt/answer examples (JSONL, bAbI, ProntoQA, ProsQA), plain-text windows, batching.
 
-Two kinds of training data (DESIGN.md §3):
+Two kinds of training data:
 
 * prompt/answer examples — the prompt is thought over, the loss is on the answer tokens plus EOS;
 * plain text — each window of `window` tokens is split at a random point: the prefix is the

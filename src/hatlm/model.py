@@ -232,7 +232,7 @@ class HatLM(nn.Module):
         think_iters: int | None = None,
         halting_threshold: float | None = None,
     ) -> ThinkResult:
-        """Refine [prompt ; thought slots] with the bidirectional thinker (DESIGN.md §1.2).
+        """Refine [prompt ; thought slots] with the bidirectional thinker (docs/design.md §1, "Think").
 
         input_ids [B, L] holds at least each row's prompt (anything after it is ignored).
         """

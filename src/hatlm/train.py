@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -84,6 +86,7 @@ from hatlm.trainstate import (
 from hatlm.util import atomic_write_text, resolve_device
 
 CONFIG_FILE = "train_config.yaml"
+KILL_AT_STEP_ENV = "HATLM_KILL_AT_STEP"
 
 
 class TrainingDiverged(UserError):
@@ -322,18 +325,30 @@ def training_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def decays(name: str, p: torch.nn.Parameter) -> bool:
+    """Whether AdamW's weight decay applies to parameter `name`: matrices do; norms, biases, scalars
+    (the re-weighting temperature), the thought slots and every gate do not. Decaying the slots would
+    pull the thoughts toward zero ('no thought'); decaying a gate would close it (thinker.gate: toward
+    a fixed step; thought_gate: toward not reading the thoughts) whatever the data says."""
+    if p.dim() < 2 or name == "thought_slots":
+        return False
+    return not (name.startswith("thinker.gate.") or name.startswith("thought_gate."))
+
+
 def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices; not norms, biases, the gate's scalar temperature or the thought slots
-    (decaying the slots would pull the thoughts toward zero, i.e. toward 'no thought')."""
+    """AdamW groups: `decays` parameters with weight_decay, the others without."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() >= 2 and name != "thought_slots":
-            decay.append(p)
-        else:
-            no_decay.append(p)
+        (decay if decays(name, p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The run's AdamW over `param_groups`."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=1e-8)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -418,8 +433,7 @@ def train(
     train_src, evals = build_sources(cfg, tokenizer, say)
     if len(train_src) == 0:
         raise UserError(f"no training examples in {', '.join(cfg.data)}")
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     order = DataOrder(len(train_src), cfg.seed)
     step, elapsed = 0, 0.0
@@ -466,6 +480,9 @@ def train(
             metrics.write({"step": step_now, "split": "eval", "eval_file": ev.name, **res[ev.name]})
         return res
 
+    # For the resume test: HATLM_KILL_AT_STEP=k SIGKILLs this process at the end of step k (after its
+    # metrics and any checkpoint are written), a hard kill at a chosen step instead of a timed one.
+    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
     last_good = ckpt
     last_loss = float("nan")
     eval_results: dict[str, dict[str, float]] = {}
@@ -537,6 +554,8 @@ def train(
                 on_step(step)
             if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
                 last_good = save_ckpt()
+            if step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
     finally:
         bar.close()
         metrics.close()
