@@ -117,7 +117,7 @@ def test_activation_bytes_match_real_saved_tensors(arm, finetune, checkpointing)
     s = P.Strategy(finetune=finetune, lora_r=4, batch=2, seq_len=40, prompt_len=12, think_iters=3,
                    checkpointing=checkpointing, **F32)  # fmt: skip
     parts = P.activation_parts(P.meta_model(cfg, s), s)
-    planned = P.activation_bytes(cfg, s, parts)
+    planned = P.activation_bytes(cfg, s, parts, transient=False)  # saved tensors only
     if checkpointing:
         # What is kept across the step; the one block recomputed at a time during backward comes on top
         # (and is the block measured in the checkpointing-off case).
