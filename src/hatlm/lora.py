@@ -273,8 +273,11 @@ def read_adapter_config(folder: str | Path) -> tuple[LoraSpec, dict[str, Any]]:
     return spec, d
 
 
-def load_adapter(model: nn.Module, folder: str | Path, *, check_base: bool = True) -> nn.Module:
-    """Inject the adapter saved in `folder` into `model` (the base) and load its tensors, in place."""
+def load_adapter(model: nn.Module, folder: str | Path, *, check_base: bool = True,
+                 trainable_dtype: torch.dtype | None = None) -> nn.Module:  # fmt: skip
+    """Inject the adapter saved in `folder` into `model` (the base) and load its tensors, in place.
+    trainable_dtype: hold the adapters and the thinking path in this dtype (training keeps them in float32
+    beside a bf16 base; the default keeps the model's dtypes)."""
     from safetensors.torch import load_file
 
     peft = _peft()
@@ -283,7 +286,10 @@ def load_adapter(model: nn.Module, folder: str | Path, *, check_base: bool = Tru
     base_path = folder / BASE_FILE
     if check_base and base_path.is_file():
         verify_base(model, json.loads(base_path.read_text()), folder)
-    add_lora(model, spec, base=d.get("base_model_name_or_path"))
+    trainable = add_lora(model, spec, base=d.get("base_model_name_or_path"))
+    if trainable_dtype is not None:
+        for p in trainable:  # before loading, so that the saved values are not rounded
+            p.data = p.data.to(trainable_dtype)
     sd = load_file(str(folder / "adapter_model.safetensors"), device=str(model.device))
     sd = {k.removeprefix(PEFT_PREFIX): v for k, v in sd.items()}
     try:
@@ -322,6 +328,13 @@ def load_with_adapter(folder: str | Path, base: str | Path | None = None, *, che
         overrides.setdefault("thinker_layers", saved["thinker_layers"])
         if saved["arm"] != "causal":
             overrides.setdefault("thought_slots", saved["thought_slots"])
+    from hatlm.config import PRESETS
+
+    if isinstance(base, str) and base in PRESETS and not Path(base).is_dir():
+        raise UserError(
+            f"{folder}: the adapter was trained on a randomly initialised preset ({base!r}), which cannot be "
+            "rebuilt from its name; build that base (same seed and overrides) and call load_adapter(model, folder)"
+        )
     model = hatlm.load(base, **overrides)
     return load_adapter(model, folder, check_base=check_base)
 

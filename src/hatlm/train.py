@@ -417,7 +417,7 @@ def train(
 
             # A LoRA checkpoint holds the adapter and the thinking path; the base is rebuilt as at the start.
             if ckpt is not None and env is None:
-                load_adapter(model, ckpt)
+                load_adapter(model, ckpt, trainable_dtype=torch.float32)
             else:
                 add_lora(model, parse_lora_spec(cfg.lora), base=cfg.init_from or cfg.preset)
             for p in model.parameters():  # trained tensors in float32 whatever the base's dtype
