@@ -126,6 +126,8 @@ def test_inject_train_save_load_merge_give_equal_logits(tmp_path):
     loaded = load_with_adapter(adapter)  # the base from adapter_config.json
     assert has_lora(loaded)
     torch.testing.assert_close(logits(loaded, ids), trained, atol=1e-6, rtol=0)
+    via_load = hatlm.load(base_dir, adapter=adapter)  # the same through hatlm.load
+    torch.testing.assert_close(logits(via_load, ids), trained, atol=1e-6, rtol=0)
 
     merged = merge_lora(loaded)
     assert not has_lora(merged)
