@@ -116,6 +116,10 @@ def _worker(rank: int, world: int, port: int, job: str, tmp: str) -> None:
 def job_train(env: DistEnv, tmp: str) -> None:
     # Full fine-tune with activation checkpointing, through to an HF export.
     model = shard_model(make_model(lora=False), env, checkpointing=True)
+    # Per-rank parameter bytes as FSDP2 holds them (padded dim-0 shards), for hatlm.plan's count.
+    storages = {p.to_local().untyped_storage().data_ptr(): p.to_local().untyped_storage().nbytes()
+                for p in model.parameters()}  # fmt: skip
+    torch.save(sum(storages.values()), f"{tmp}/param_bytes_rank{env.rank}.pt")
     train(model, make_opt(model), range(STEPS), env.rank, env.world_size)
     sd = full_state_dict(model)
     if env.is_main:
@@ -174,6 +178,12 @@ def test_two_processes_equal_one_and_resume_equals_no_stop(tmp_path):
     assert_state_close(torch.load(tmp_path / "lora.pt"), lora)
     resumed, adamw = torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "adamw.pt")
     assert_state_close(resumed, adamw, atol=1e-6)
+    # hatlm.plan's per-GPU parameter bytes (computed on the meta device) are what FSDP2 really holds.
+    from hatlm import plan as P
+
+    s = P.Strategy(finetune="full", world=2, compute_dtype=torch.float32, frozen_dtype=torch.float32)
+    planned = P.state_bytes(P.meta_model(make_model(False).config, s), s)["params"]
+    assert [torch.load(tmp_path / f"param_bytes_rank{r}.pt") for r in (0, 1)] == [planned, planned]
     # The HF export is a plain checkpoint with the trained weights.
     exported = hatlm.load(tmp_path / "export").state_dict()
     assert_state_close(exported, full)
