@@ -226,21 +226,37 @@ def section_decode(ctx: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     except Exception as e:  # keep hatlm's numbers even if the baseline cannot be built
         errors["transformers"] = f"{type(e).__name__}: {e}"
         print(traceback.format_exc(), file=sys.stderr, flush=True)
+    mode = ctx["compile_mode"]
+    comp = True if mode == "compile" else "static"
+    hyb_comp = f"hatlm hybrid compiled (m={p['slots']}, T={T})"
     candidates: dict[str, Callable[[int], list[int]]] = {
         "transformers": lambda n: hf_generate(hf, prompt, n, device),
         "hatlm causal": lambda n: hatlm_generate(causal, prompt, n),
         hyb_name: lambda n: hatlm_generate(hybrid, prompt, n, think_iters=T),
     }
+    compiled_names = []
+    if mode != "off":
+        compiled_names = ["hatlm causal compiled", hyb_comp]
+        candidates["hatlm causal compiled"] = lambda n: hatlm_generate(causal, prompt, n, compile=comp)
+        candidates[hyb_comp] = lambda n: hatlm_generate(hybrid, prompt, n, think_iters=T, compile=comp)
     engines = {}
+    warmup_s: dict[str, float] = {}
     for name, fn in candidates.items():
         if name in errors:
             continue
-        try:  # warm-up: kernels, allocator, caches
-            fn(min(N, 4))
+        try:  # warm-up: kernels, allocator, caches; a compiled engine compiles for the timed lengths here
+            lengths = (1, N) if name in compiled_names else (min(N, 4),)
+            warmup_s[name] = sum(timed(lambda fn=fn, n=n: fn(n), device)[0] for n in lengths)
             engines[name] = fn
         except Exception as e:
             errors[name] = f"{type(e).__name__}: {e}"
             print(traceback.format_exc(), file=sys.stderr, flush=True)
+    compile_errors = {
+        f"{arm} arm": st.compile_error
+        for arm, model in (("causal", causal), ("hybrid", hybrid))
+        for st in model.__dict__.get("_hatlm_static_decode", {}).values()
+        if st.compile_error
+    }
     if not engines:
         raise RuntimeError(f"every engine failed: {errors}")
     times: dict[str, dict[int, list[float]]] = {k: {1: [], N: []} for k in engines}
@@ -270,15 +286,45 @@ def section_decode(ctx: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         for name, r in res.items()
     ]
     rows += [f"| {name} | FAILED: `{err.splitlines()[0][:200]}` | | | | |" for name, err in errors.items()]
+    for name in res:
+        res[name]["warmup_s"] = warmup_s[name]
     out: dict[str, Any] = dict(
         engines=res, errors=errors, new_tokens=N, prompt_tokens=len(prompt), weight_bytes_per_token=wb,
         copy_gb_per_s=bw, ratio_hatlm_over_hf=speed("hatlm causal") / speed("transformers"),
-        hybrid_cost_over_causal=speed("hatlm causal") / speed(hyb_name),
+        hybrid_cost_over_causal=speed("hatlm causal") / speed(hyb_name), compile_mode=mode,
+        compile_errors=compile_errors,
     )  # fmt: skip
     notes = [
         f"- hatlm causal / transformers decode tokens/s: **{out['ratio_hatlm_over_hf']:.2f}x** (target >= 1)",
         f"- hybrid per-token decode time / causal: **{out['hybrid_cost_over_causal']:.3f}** (target <= 1.10)",
     ]
+    if compiled_names:
+        out.update(
+            ratio_compiled_over_hf=speed("hatlm causal compiled") / speed("transformers"),
+            ratio_compiled_over_eager=speed("hatlm causal compiled") / speed("hatlm causal"),
+            hybrid_compiled_cost_over_causal_compiled=speed("hatlm causal compiled") / speed(hyb_comp),
+        )
+        what = {
+            "compile": 'torch.compile(mode="reduce-overhead" on CUDA (CUDA graphs), "default" on a CPU, fullgraph) '
+            "of the static-shape step",
+            "static": "the static-shape step run eagerly (not compiled: --compile-mode static)",
+        }[mode]
+        notes += [
+            f"- compiled engines: `generate(..., compile={comp!r})`, {what}; warm-up incl. compilation: "
+            + ", ".join(f"{k} {warmup_s[k]:.1f} s" for k in compiled_names if k in warmup_s),
+            f"- hatlm causal compiled: **{speed('hatlm causal compiled'):.1f} tokens/s** (target >= 160 on an H100), "
+            f"**{out['ratio_compiled_over_hf']:.2f}x** transformers, {out['ratio_compiled_over_eager']:.2f}x eager",
+            "- hybrid compiled per-token decode time / causal compiled: "
+            f"**{out['hybrid_compiled_cost_over_causal_compiled']:.3f}** (target <= 1.10)",
+        ]
+        for a, b in (("hatlm causal", "hatlm causal compiled"), (hyb_name, hyb_comp)):
+            if a in tokens and b in tokens:
+                ta, tb = tokens[a], tokens[b]
+                lead = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+                out.setdefault("compiled_leading_agree", {})[b] = lead
+                notes.append(f"- greedy tokens, {b} vs eager: first {lead} of {N} identical")
+        if compile_errors:
+            notes.append(f"- **torch.compile failed, those engines ran uncompiled**: {compile_errors}")
     if "transformers" in tokens and "hatlm causal" in tokens:
         a, b = tokens["hatlm causal"], tokens["transformers"]
         lead = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -296,7 +342,6 @@ def section_decode(ctx: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             f"- prefill logits on the prompt: max |diff| {diff:.3g} (logit std {scale:.3g}), argmax agreement "
             f"{100 * agree:.1f}% of positions",
         ]
-    notes.append("- torch.compile'd decode step: not measured (hatlm has none yet)")
     md = "\n".join(
         [
             f"Batch 1, {len(prompt)}-token random prompt, {N} greedy new tokens, median of {p['repeats']} "
@@ -548,6 +593,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="dense bf16 peak for MFU (default: 989 for H100/H200 SXM, 756 for H100 PCIe)",
     )
+    ap.add_argument(
+        "--compile-mode",
+        choices=["compile", "static", "off"],
+        default=None,
+        help="the 'compiled' decode engines: torch.compile (default on a GPU), the static-shape step uncompiled "
+        "(default on a CPU, where compiling takes a minute), or off",
+    )
     ap.add_argument("--time-budget", type=float, default=300.0, help="seconds; later work is skipped past it")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu.md and gpu.json (default $OUT)")
     args = ap.parse_args(argv)
@@ -571,8 +623,10 @@ def main(argv: list[str] | None = None) -> int:
         peak = 756.0 if "PCIe" in name else 989.0
     info = device_info(device)
     print(f"[gpu.py] {info}", file=sys.stderr, flush=True)
+    compile_mode = args.compile_mode or ("compile" if device.type == "cuda" else "static")
     ctx: dict[str, Any] = dict(p=p, device=device, dtype=dtype, dtype_name=str(dtype).replace("torch.", ""),
-                               peak_tflops=peak, deadline=t_start + args.time_budget)  # fmt: skip
+                               peak_tflops=peak, deadline=t_start + args.time_budget,
+                               compile_mode=compile_mode)  # fmt: skip
     report: dict[str, Any] = dict(device=info, preset=args.preset, dtype=ctx["dtype_name"], sections={})
     reset_peak(device)
     t0 = time.perf_counter()

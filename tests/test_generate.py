@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import as_if_trained, make_config, make_hf_config
 
+from hatlm import decoding, thinking
 from hatlm import generate as gen_mod
-from hatlm import thinking
 from hatlm.errors import UserError
 from hatlm.generate import generate
 from hatlm.model import HatLM
@@ -81,7 +81,7 @@ def test_unfused_projection_path_matches(monkeypatch):
     """Big models keep q/k/v and gate/up as separate matrices; that path is exact too."""
     model = _model("hybrid", sliding_window=7)
     a = generate(model, None, PROMPTS, 10, ignore_eos=True, output_logits=True)
-    monkeypatch.setattr(gen_mod, "FUSE_MAX_BYTES", 0)
+    monkeypatch.setattr(decoding, "FUSE_MAX_BYTES", 0)  # the decode state lives in hatlm.decoding
     b = generate(model, None, PROMPTS, 10, ignore_eos=True, output_logits=True)
     assert a.tokens == b.tokens
     for x, y in zip(a.logits, b.logits):
@@ -627,3 +627,105 @@ def test_decode_honours_wrapped_projections(arm):
         assert res.tokens[b] == ref.argmax(-1).tolist()
         torch.testing.assert_close(res.logits[b], ref, atol=1e-5, rtol=0)
         assert (res.logits[b][0] - plain.logits[b][0]).abs().max() > 1e-3  # the wrapper really acts
+
+
+# ------------------------------------------------------------------------------ static-shape (compilable) decode
+
+
+def _assert_same_generation(res, ref, atol=1e-5):
+    assert res.tokens == ref.tokens
+    for x, y in zip(res.logits, ref.logits):
+        torch.testing.assert_close(x, y, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("arm", ARMS)
+@pytest.mark.parametrize("variant", ["plain", "window+prefix"])
+def test_static_decode_equals_eager_decode_and_full_recomputation(arm, variant):
+    """The static-shape step (whole cache, device mask, device RoPE lookup, scattered writes) gives the
+    eager step's tokens and logits, and the full recomputation's, for rows of different lengths."""
+    kw = {} if variant == "plain" else dict(sliding_window=4, decoder_prefix="bidirectional")
+    model = _model(arm, **kw)
+    eager = generate(model, None, PROMPTS, 14, ignore_eos=True, output_logits=True)
+    res = generate(model, None, PROMPTS, 14, ignore_eos=True, output_logits=True, compile="static")
+    _assert_same_generation(res, eager)
+    for b, p in enumerate(PROMPTS):
+        ref = _full_logits(model, p, res.tokens[b])
+        assert res.tokens[b] == ref.argmax(-1).tolist()
+        torch.testing.assert_close(res.logits[b], ref, atol=1e-5, rtol=0)
+    # The state is sized in quanta beyond what this call needs: the unused tail is masked out.
+    (state,) = model.__dict__["_hatlm_static_decode"].values()
+    assert state.max_len == 128 > max(len(p) for p in PROMPTS) + model.config.num_thought_slots + 14
+
+
+def test_static_decode_state_is_reused_and_leftovers_are_masked():
+    """A second call reuses the kept cache (one compiled graph per batch and length bucket): entries
+    written by the first call, longer prompts included, must not leak into the second."""
+    model = _model("hybrid", sliding_window=5)
+    generate(model, None, [[1] + list(range(10, 60)), [1, 3, 4]], 20, ignore_eos=True, compile="static")
+    kept = model.__dict__["_hatlm_static_decode"]
+    first = next(iter(kept.values()))
+    prompts = [[1, 9, 10], [1, 40, 41, 42]]
+    res = generate(model, None, prompts, 12, ignore_eos=True, output_logits=True, compile="static")
+    assert list(kept.values()) == [first]
+    _assert_same_generation(res, generate(model, None, prompts, 12, ignore_eos=True, output_logits=True))
+    # Another batch size gets its own state; at most STATIC_STATES_KEPT are kept.
+    from hatlm.decoding import STATIC_STATES_KEPT
+
+    for B in (1, 3, 4):
+        generate(model, None, [[1, 5]] * B, 2, compile="static")
+    assert len(kept) == STATIC_STATES_KEPT
+
+
+def test_static_decode_with_rethink_and_sampling():
+    """Re-thinking re-prefills the static cache and resets the device positions; sampling with seeds
+    draws the same tokens as the eager step."""
+    model = _model("hybrid")
+    for kw in (dict(rethink_every=3), dict(temperature=0.9, top_k=20, seed=[3, 4, 5], repetition_penalty=1.3)):
+        eager = generate(model, None, PROMPTS, 10, ignore_eos=True, output_logits=True, **kw)
+        res = generate(model, None, PROMPTS, 10, ignore_eos=True, output_logits=True, compile="static", **kw)
+        _assert_same_generation(res, eager)
+    res = generate(model, None, PROMPTS, 10, ignore_eos=True, output_logits=True, compile="static", rethink_every=3)
+    assert all(s["rethinks"] == 3 for s in res.stats)
+
+
+def test_static_decode_generate_ids_and_option_errors():
+    model = _model("pause")
+    ids = torch.tensor([[0, 0, 1, 5, 6], [1, 7, 8, 9, 10]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, compile="static"), ref)
+    with pytest.raises(UserError, match="compile must be False, True or 'static'"):
+        generate(model, None, [[1, 2]], 3, compile="fast")
+
+
+def test_cli_compile_flag_uses_the_compiled_static_step(capsys, monkeypatch):
+    from hatlm import decoding
+
+    calls = []
+    # Record the request without paying for a CPU compilation here (the next test compiles for real).
+    monkeypatch.setattr(decoding.DecodeState, "compiled", lambda self: calls.append(self.static) or self)
+    code, out, _ = _cli(capsys, "tiny-bytes", "hello", "--max-new-tokens", "4", "--arm", "causal", "--compile")
+    assert code == 0 and calls == [True]
+    code, out2, _ = _cli(capsys, "tiny-bytes", "hello", "--max-new-tokens", "4", "--arm", "causal")
+    assert out2 == out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
+)
+def test_torch_compiled_decode_equals_eager_decode(device):
+    """torch.compile (inductor on the CPU; CUDA graphs on a GPU) of the static step: the same tokens
+    and logits as the eager step, batch of different lengths, sliding window, re-think; the second
+    call reuses the compiled graph."""
+    model = _model("hybrid", sliding_window=5).to(device)
+    eager = generate(model, None, PROMPTS, 10, ignore_eos=True, output_logits=True, rethink_every=4)
+    res = generate(model, None, PROMPTS, 10, ignore_eos=True, output_logits=True, rethink_every=4, compile=True)
+    (state,) = model.__dict__["_hatlm_static_decode"].values()
+    assert state.compile_error is None and state._compiled
+    _assert_same_generation(res, eager)
+    prompts = [[1, 7], [1, 8, 9, 10, 11, 12], [1, 50]]
+    res = generate(model, None, prompts, 8, ignore_eos=True, output_logits=True, compile=True)
+    assert list(model.__dict__["_hatlm_static_decode"].values()) == [state]
+    _assert_same_generation(res, generate(model, None, prompts, 8, ignore_eos=True, output_logits=True))

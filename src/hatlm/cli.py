@@ -358,6 +358,11 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="prompts per batch with --file")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with a torch.compile'd static-shape step (CUDA graphs on a GPU; the first batch compiles)",
+    )
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -403,7 +408,7 @@ def run_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, think_iters=args.think_iters,
         halting_threshold=args.halting_threshold, rethink_every=args.rethink_every, refine_steps=args.refine_steps,
-        refine_lr=args.refine_lr, refine_objective=args.refine_objective,
+        refine_lr=args.refine_lr, refine_objective=args.refine_objective, compile=args.compile,
     )
     results = []
     batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]

@@ -17,7 +17,8 @@ attention over the used part of the cache only, no mask while every row sits at 
 (the common batch-1 case), and, for plain `nn.Linear` projections of a model small enough, q/k/v and
 gate/up multiplied as one matrix each. The tests pin this path to the model's full recomputation
 (exact greedy tokens, logits ≤ 1e-5); a LoRA-wrapped projection is called as a module, so decode
-honours unmerged adapters.
+honours unmerged adapters. `compile=True` swaps the step for a static-shape one compiled with
+torch.compile (CUDA graphs on a GPU), the same layer code; the decode state lives in `hatlm.decoding`.
 
 Two entry points: `generate(model, tokenizer, prompts, …)` (texts, streaming, statistics) and
 `generate_ids(model, input_ids, …)`, the transformers-style call behind `model.generate(input_ids, …)`.
@@ -38,16 +39,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hatlm.decoding import COMPILE_MODES, decode_state
 from hatlm.errors import UserError
-from hatlm.layers import DecodePosition
-from hatlm.masks import to_sdpa_mask
 from hatlm.thinking import check_refine_options, refine_thoughts
 from hatlm.tokenizer import StreamDecoder
-
-# Fuse q/k/v (and gate/up) weights into one matrix per layer only below this many bytes of
-# projection weights: the fused copies double that memory, which is fine for tiny models and not
-# for Mistral 7B on a GPU (where the matrix products dominate and fusion gains little anyway).
-FUSE_MAX_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -60,76 +55,6 @@ class GenerationResult:
     # With output_logits=True: per prompt [k, V] (float32, CPU), the logits each chosen token was picked
     # from (k = new tokens, plus one when the row ended with EOS).
     logits: list[Tensor] | None = None
-
-
-# ------------------------------------------------------------------------------------ decode state
-
-
-class _Decoder:
-    """The preallocated KV cache of one batch, prefill through the model's layers, and the
-    single-token decode step through the same layers (`Block.decode`)."""
-
-    def __init__(self, model, batch: int, max_len: int) -> None:
-        c = model.config
-        self.model = model
-        self.batch = batch
-        self.Hkv, self.D = c.num_key_value_heads, c.head_dim
-        self.window = c.sliding_window
-        self.caches = model.setup_caches(batch, max_len)
-        dev, dt = model.device, model.dtype
-        self.device = dev
-        # RoPE table from the model's own rotary module (same arithmetic per position, so the values
-        # are bitwise those of a full pass). rotate_half(x)·sin = roll(x, D/2)·[−sin_lo, sin_hi].
-        cos, sin = model.rope(torch.arange(max_len, device=dev)[None], dt)  # [1, 1, L, D] each
-        cos, sin = cos[0, 0], sin[0, 0]
-        half = self.D // 2
-        self.cos = cos
-        self.sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
-        layers = model.decoder.layers
-        proj_bytes = sum(
-            p.numel() * p.element_size()
-            for blk in layers
-            for p in (*blk.self_attn.parameters(), *blk.mlp.gate_proj.parameters(), *blk.mlp.up_proj.parameters())
-        )
-        fuse = proj_bytes <= FUSE_MAX_BYTES
-        self.fused = [blk.fused_weights() if fuse else None for blk in layers]
-
-    # ---------------------------------------------------------------- prefill (the model's own layers)
-    def prefill(self, x: Tensor, prompt_lengths: Tensor | None, seq_lengths: Tensor, last: Tensor) -> Tensor:
-        """Run the decoder over x [B, N, d] (see `HatLM.decoder_pass`), filling the cache
-        → logits [B, V] at each row's entry `last[b]` (its last token)."""
-        h = self.model.decoder_pass(x, prompt_lengths, seq_lengths, self.caches)
-        B = x.shape[0]
-        at = last.view(B, 1, 1).expand(B, 1, h.shape[-1])
-        return self.model.logits_from_hidden(h.gather(1, at)[:, 0])
-
-    # ---------------------------------------------------------------- one decode step
-    def position(self, pos: list[int]) -> DecodePosition:
-        """Where this step's tokens go: pos holds one host int per row."""
-        p0 = pos[0]
-        if all(p == p0 for p in pos):
-            # Every row at the same position: attend over a slice of the cache, no mask needed.
-            hi = p0 + 1
-            lo = max(0, hi - self.window) if self.window is not None else 0
-            return DecodePosition(self.cos[p0], self.sin[p0], p0, lo, hi)
-        B = self.batch
-        pt = torch.tensor(pos, device=self.device)
-        hi = max(pos) + 1
-        # The decoder's own mask predicate for these query positions and key lengths.
-        fn = self.model.decoder_mask_fn(pt[:, None], pt + 1)
-        mask = to_sdpa_mask(fn, B, 1, hi, self.device)  # [B, 1, 1, hi]; broadcasts over the G queries
-        index = pt.view(B, 1, 1, 1).expand(B, self.Hkv, 1, self.D)
-        return DecodePosition(self.cos[pt][:, None], self.sin[pt][:, None], None, 0, hi, index, mask)
-
-    def step(self, tokens: Tensor, pos: list[int]) -> Tensor:
-        """Feed tokens [B] at positions pos (host ints, one per row) → next-token logits [B, V]."""
-        model = self.model
-        at = self.position(pos)
-        x = model.decoder.embed_tokens(tokens)  # [B, d]
-        gates = model.thought_gate if model.thought_gate is not None else [None] * len(self.caches)
-        for blk, cache, fused, gate in zip(model.decoder.layers, self.caches, self.fused, gates):
-            x = blk.decode(x, at, cache, fused, gate)
-        return model.logits_from_hidden(x)
 
 
 # ------------------------------------------------------------------------------------ thinking
@@ -284,6 +209,11 @@ def _check_options(model, max_new_tokens, temperature, top_k, top_p, repetition_
     check_refine_options(model, refine_steps, refine_lr, refine_objective_name)
 
 
+def _check_compile(compile: Any) -> None:
+    if not any(compile is c or (isinstance(c, str) and compile == c) for c in COMPILE_MODES):
+        raise UserError(f"compile must be False, True or 'static'; got {compile!r}")
+
+
 def _sync_every(device: torch.device, needs_text: bool) -> int:
     """How many decode steps run between host reads of the chosen tokens.
 
@@ -316,6 +246,7 @@ def generate(
     ignore_eos: bool = False,
     output_logits: bool = False,
     eos_token_id: int | None = None,
+    compile: bool | str = False,
 ) -> GenerationResult:
     """Generate continuations of `prompts` with any arm (causal, pause, hybrid).
 
@@ -333,6 +264,10 @@ def generate(
     `refine_objective` ("entropy" of the first-token distribution, or "reread"; see
     `refine_thoughts`), with relative step size refine_lr.
     stream(row, text_piece) is called as text becomes final; the pieces of a row concatenate to its text.
+    compile=True: decode with a static-shape step compiled by torch.compile (CUDA graphs on a GPU;
+    see `hatlm.decoding`): the first call with a new batch size / length bucket compiles (seconds to
+    a minute), later ones reuse it. "static": the same static-shape step without compiling. Both give
+    the tokens and logits of the default eager step (up to float rounding).
 
     stats per prompt: prompt_tokens, new_tokens, think_iterations and final_change (of the first
     think), rethinks, rethink_iterations, thought_shifts (relative L2 change ‖t_new − t_old‖/‖t_old‖
@@ -344,6 +279,7 @@ def generate(
     cfg = model.config
     _check_options(model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, rethink_every, refine_steps,
                    refine_lr, refine_objective, think_iters)  # fmt: skip
+    _check_compile(compile)
     rows = _encode_prompts(tokenizer, prompts, cfg.vocab_size)
     B = len(rows)
     m = cfg.num_thought_slots
@@ -382,7 +318,7 @@ def generate(
                 seeds=seeds, stop=stop, think_iters=think_iters, halting_threshold=halting_threshold,
                 rethink_every=rethink_every, refine_steps=refine_steps, refine_lr=refine_lr,
                 refine_objective=refine_objective, stream=stream, ignore_eos=ignore_eos,
-                output_logits=output_logits,
+                output_logits=output_logits, compile=compile,
             )  # fmt: skip
     finally:
         model.train(was_training)
@@ -390,10 +326,10 @@ def generate(
 
 def _generate(model, tokenizer, rows, max_new_tokens, max_len, eos, device, t_start, *, temperature, top_k, top_p,
               repetition_penalty, seeds, stop, think_iters, halting_threshold, rethink_every, refine_steps, refine_lr,
-              refine_objective, stream, ignore_eos, output_logits) -> GenerationResult:  # fmt: skip
+              refine_objective, stream, ignore_eos, output_logits, compile) -> GenerationResult:  # fmt: skip
     cfg = model.config
     B, m, arm = len(rows), cfg.num_thought_slots, model.arm
-    dec = _Decoder(model, B, max_len)
+    dec = decode_state(model, B, max_len, compile)
     stats: list[dict[str, Any]] = [
         dict(
             prompt_tokens=len(r), new_tokens=0, think_iterations=0, final_change=0.0, rethinks=0,
