@@ -133,3 +133,31 @@ def test_imports_without_tokenizer_packages():
     src = str(Path(__file__).resolve().parents[1] / "src")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src})
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_gpu_train_check_runs_on_cpu(tmp_path, monkeypatch):
+    """bench/gpu_train_check.py on the CPU (gloo instead of NCCL): both parts run, and where float32 or the
+    CPU makes results exact they are (bf16 LoRA resume, sharded vs unsharded losses, DCP resume, export)."""
+    monkeypatch.setitem(sys.modules, "mistral_common", None)
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    spec = importlib.util.spec_from_file_location("gpu_train_check", BENCH.parent / "gpu_train_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu", "--small", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "gpu_train_check.md").read_text()
+    res = json.loads(text[text.index("{") : text.rindex("}") + 1])
+    lora, fsdp = res["lora"], res["fsdp"]
+    assert lora["status"] == "ok" and fsdp["status"] == "ok"
+    assert lora["resume_max_weight_diff"] == 0.0  # bf16 base: trained tensors restored without rounding
+    assert "adapter_model.safetensors" in lora["adapter_files"] and lora["loss_last"] < lora["loss_first"]
+    assert fsdp["max_rel_loss_diff_vs_unsharded"] < 1e-5
+    assert fsdp["resume_max_loss_diff"] == 0.0 and fsdp["export_logit_max_diff"] < 1e-5
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -43,9 +43,10 @@ def test_mistral_7b_counts_on_the_meta_device(capsys, monkeypatch):
     # layers, 16 slots, 32 decoder layers × 32 heads of thought gates), not from num_parameters' sum.
     d, kv, ff = 4096, 1024, 14336
     layer = 2 * d * d + 2 * d * kv + 3 * d * ff + 2 * d
-    assert p["thinker"] == 2 * layer + (d + 1) + 1  # + the gate (weight, bias) and the temperature
+    # + the gate (weight, bias), the temperature, the injection norm and the state norm
+    assert p["thinker"] == 2 * layer + (d + 1) + 1 + d + d
     assert p["slots_and_gates"] == 16 * d + 32 * 32 + d * d  # slots, decoder gates, prompt projection
-    assert p["total"] == MISTRAL_7B + 2 * layer + d + 2 + 16 * d + 32 * 32 + d * d
+    assert p["total"] == MISTRAL_7B + 2 * layer + d + 2 + 2 * d + 16 * d + 32 * 32 + d * d
     assert info["weights_bytes"] == {"fp32": 4 * p["total"], "bf16": 2 * p["total"]}
     # 2 (K and V) × 32 layers × 8 KV heads × 128 head dim × bytes
     assert info["kv_cache_bytes_per_token"] == {"fp32": 262_144, "bf16": 131_072}

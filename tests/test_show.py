@@ -61,7 +61,8 @@ def test_recomputed_attention_reproduces_the_layer_output(model):
 
     def hook(mod, args, out):
         x, rope, mask = args[0], args[1], args[2]
-        p = attention_probs(mod, x, rope, mask)  # [B, H, T, T]
+        bias = args[5] if len(args) > 5 else None  # the thinker's relevance bias on the keys
+        p = attention_probs(mod, x, rope, mask, bias)  # [B, H, T, T]
         B, T, _ = x.shape
         v = mod.v_proj(x).view(B, T, mod.n_kv_heads, mod.head_dim).transpose(1, 2)
         v = v.repeat_interleave(mod.n_heads // mod.n_kv_heads, dim=1)

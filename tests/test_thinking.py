@@ -344,3 +344,29 @@ def test_kl_halting_uses_the_readout_kl_and_reports_iterations():
     assert expected[0] < T
     for b, t in enumerate(expected):
         assert r.final_kl[b].item() == pytest.approx(kls[b, t - 1].item(), rel=1e-4, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------ training wiring
+
+
+@pytest.mark.parametrize("arm", ["hybrid", "looped"])
+def test_training_draws_each_steps_depth_reproducibly_and_logs_the_thinker(arm, tmp_path):
+    """hatlm.train: with think_iters unset, every step's T is a draw from think_iters_train (seeded
+    by the run's seed and the step), recorded per step; the learned temperature is logged."""
+    from hatlm.train import TrainConfig, read_metrics, train
+
+    model = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, thinker_layers=1, thought_slots=2, max_think_iters=2,
+                 think_iters_train="uniform:1-5")
+    cfg = dict(data=["task:nearest"], preset="tiny-bytes", arm=arm, model=model, steps=12, batch_size=4,
+               eval_every=0, save_every=0, task_train_size=64, task_eval_size=4, tensorboard=False, warmup=1)
+
+    def depths(out, seed=0) -> list[float]:
+        train(TrainConfig(**cfg, seed=seed), out, progress=False, log=lambda s: None)
+        recs = [r for r in read_metrics(out) if r["split"] == "train"]
+        assert all("reweight_temperature" in r for r in recs)
+        return [r["think_iters"] for r in recs]
+
+    a, b = depths(tmp_path / "a"), depths(tmp_path / "b")
+    assert a == b and set(a) <= {1, 2, 3, 4, 5} and len(set(a)) > 2
+    assert depths(tmp_path / "c", seed=1) != a

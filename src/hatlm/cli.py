@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,13 +39,32 @@ def info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thinker-layers", type=int, metavar="K", help="override the thinker depth K")
     p.add_argument("--thought-slots", type=int, metavar="M", help="override the number of thought slots m")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    plan = p.add_argument_group("training memory plan (--plan)")
+    plan.add_argument("--plan", action="store_true",
+                      help="per-GPU training memory: full fine-tune / LoRA x GPUs x activation checkpointing")
+    plan.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence (default 2048)")
+    plan.add_argument("--batch", type=int, default=1, help="sequences per GPU (default 1)")
+    plan.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16)")
+    plan.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 8], help="GPU counts (default 1 2 8)")
+    plan.add_argument("--prompt-len", type=int, help="prompt tokens the thinker sees (default seq-len/4)")
+    plan.add_argument("--think-iters", type=int, metavar="T", help="thinking iterations (default T_max)")
+    plan.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory for the 'fits' column (default 80)")
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from hatlm.info import describe, format_table
+    from hatlm.info import describe, format_table, resolve_config
 
     overrides = {k: v for k, v in (("arm", args.arm), ("thinker_layers", args.thinker_layers),
                                    ("thought_slots", args.thought_slots)) if v is not None}
+    if args.plan:
+        from hatlm.plan import format_plan, plan_grid
+
+        config, _ = resolve_config(args.source, **overrides)
+        rows = plan_grid(config, lora_r=args.lora_r, worlds=tuple(args.gpus), seq_len=args.seq_len, batch=args.batch,
+                         prompt_len=args.prompt_len, think_iters=args.think_iters)  # fmt: skip
+        table = format_plan(config, rows, args.gpu_gib)
+        print(json.dumps([r.as_dict() for r in rows], indent=2) if args.json else table)
+        return 0
     info = describe(args.source, **overrides)
     print(json.dumps(info, indent=2) if args.json else format_table(info))
     return 0
@@ -95,6 +115,13 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="weights' dtype (default float32, with bf16 autocast on GPU; bfloat16 e.g. for a LoRA base)")
+    p.add_argument("--lora", metavar="SPEC",
+                   help="PEFT LoRA on the backbone projections, thinker/slots/gates trained fully: "
+                        "r=16,alpha=32[,dropout=0.05][,targets=q_proj+k_proj+v_proj+o_proj+gate_proj+up_proj+down_proj]")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute activations in backward (less memory, ~1/3 more compute)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch (default: torch's choice; 1 is best for tiny models on a busy machine)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -119,7 +146,9 @@ def train_config_from_args(args: argparse.Namespace):
     over = parse_set_items(args.set)
     for key, val in (("data", args.data), ("eval", args.eval), ("preset", args.preset),
                      ("init_from", args.init_from), ("arm", args.arm), ("steps", args.steps), ("seed", args.seed),
-                     ("lr", args.lr), ("batch_size", args.batch_size), ("device", args.device)):
+                     ("lr", args.lr), ("batch_size", args.batch_size), ("device", args.device),
+                     ("dtype", args.dtype), ("lora", args.lora),
+                     ("gradient_checkpointing", args.gradient_checkpointing)):
         if val is not None:
             over[key] = val
     if over:
@@ -144,7 +173,15 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = train_config_from_args(args)
     _set_threads(args.threads)
-    res = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    try:
+        res = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # started by torchrun (hatlm.distributed)
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     print(f"trained {res['arm']} for {res['steps']} steps in {res['wall_time_s']:.1f}s; final train loss "
           f"{res['final_loss']:.4f}; {res['params']['total']:,} parameters")
     for name, r in res["eval"].items():
@@ -568,6 +605,25 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ merge
+
+
+def merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="a LoRA adapter folder (hatlm.lora.save_adapter)")
+    p.add_argument("out", metavar="OUT_DIR", help="where to write the merged (plain hatlm) checkpoint")
+    p.add_argument("--base", help="base model (default: base_model_name_or_path in adapter_config.json)")
+    p.add_argument("--no-check-base", action="store_true", help="skip the check that the base is the trained one")
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from hatlm.checkpoint import save_model
+    from hatlm.lora import load_with_adapter, merge_lora
+
+    model = load_with_adapter(args.adapter, base=args.base, check_base=not args.no_check_base)
+    save_model(merge_lora(model), args.out)
+    print(f"merged {args.adapter} into {args.out}")
+    return 0
+
 
 # ------------------------------------------------------------------------------------ main
 
@@ -584,6 +640,7 @@ COMMANDS: dict[str, Command] = {
     "serve": ("OpenAI-compatible HTTP server (FastAPI + uvicorn)", serve_arguments, run_serve),
     "lm-eval": ("run lm-evaluation-harness tasks on a checkpoint or preset", lm_eval_arguments, run_lm_eval),
     "show": ("HTML page + PNGs of what the thinker does on a prompt", show_arguments, run_show),
+    "merge": ("merge a LoRA adapter into its base model: a plain hatlm checkpoint", merge_arguments, run_merge),
 }
 
 

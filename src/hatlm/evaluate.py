@@ -80,7 +80,9 @@ def teacher_forced(model, rows: Sequence[Row], pad_id: int, *, batch_size: int =
         with tqdm(total=len(rows), desc="evaluating", unit="row", disable=not progress, leave=False) as bar:
             for i in range(0, len(rows), batch_size):
                 batch = collate(list(rows[i : i + batch_size]), pad_id)
-                ids, out = forward_batch(model, batch, device, think_iters, device.type == "cuda")
+                # autocast on GPU, and for bf16 weights on the CPU (a LoRA run's bf16 base beside fp32 trained parts)
+                autocast = device.type == "cuda" or model.dtype != torch.float32
+                ids, out = forward_batch(model, batch, device, think_iters, autocast)
                 ls, nt, hit = answer_loss(out.logits, ids, batch.target_mask.to(device))
                 loss_sum += float(ls)
                 tokens += int(nt)

@@ -119,9 +119,9 @@ def trace_thinking(model: Any, tok: Any, prompt_ids: list[int], think_iters: int
 
     orig_step = thinker.step
 
-    def step(z, rope, mask, valid):
+    def step(z, e0, rope, mask, valid, focus=None):
         current["attn"], current["gate"] = [], []
-        out = orig_step(z, rope, mask, valid)
+        out = orig_step(z, e0, rope, mask, valid, focus)
         v = valid[0]
         num = (out[0][v] - z[0][v]).float().norm()
         den = z[0][v].float().norm().clamp(min=1e-12)
@@ -130,13 +130,15 @@ def trace_thinking(model: Any, tok: Any, prompt_ids: list[int], think_iters: int
         trace.z.append(out[0].float().cpu())
         trace.changes.append(float(num / den))
         trace.attention.append(current["attn"])
-        trace.gate.append(current["gate"][-1])
-        if thinker.use_reweight:
-            trace.relevance.append(thinker.relevance(z, valid)[0, :, 0].float().cpu())
+        if current["gate"]:
+            trace.gate.append(current["gate"][-1])
+        if thinker.use_reweight or thinker.use_reweight_attention:
+            trace.relevance.append(thinker.relevance(z, valid, focus)[0].float().cpu())
         return out
 
     handles = [layer.self_attn.register_forward_pre_hook(pre_attn) for layer in thinker.layers]
-    handles.append(thinker.gate.register_forward_hook(gate_out))
+    if thinker.gate is not None:
+        handles.append(thinker.gate.register_forward_hook(gate_out))
     backend = model.config.attn_backend
     model.config.attn_backend = "sdpa"  # a boolean mask we can read (FlexAttention's BlockMask is opaque)
     thinker.step = step  # instance attribute: shadows the method for this call only

@@ -25,6 +25,13 @@ Exact resume: the data order is a pure function of (seed, epoch, position), the 
 scheduler and every RNG are restored, and metrics after the checkpoint are discarded, so a run
 killed at any point and resumed with `--resume` ends with the same weights (bit for bit) and the
 same loss curve as a run that was never interrupted (on the same machine and thread count).
+
+LoRA (`--lora r=16,alpha=32`, hatlm.lora): PEFT adapters on the backbone, the thinking path trained
+fully; checkpoints hold the adapter (the base is rebuilt from init_from on resume); the run ends with
+OUT/adapter (PEFT format) and OUT/model (merged). Under torchrun (WORLD_SIZE > 1) the model is sharded
+with FSDP2 (hatlm.distributed): every rank runs its share of each micro-batch, gradients are summed,
+checkpoints are torch.distributed.checkpoint folders, OUT/model is gathered on rank 0.
+(Over 500 lines: one training loop with its single-process, LoRA and sharded paths side by side.)
 """
 
 from __future__ import annotations
@@ -46,9 +53,23 @@ from torch import Tensor
 from hatlm.config import ARMS, HybridConfig, ModelConfig
 from hatlm.data import collate
 from hatlm.datasets import DataOrder, build_sources
+from hatlm.distributed import (
+    NullMetrics,
+    all_sum,
+    env_world_size,
+    full_norm,
+    init_distributed,
+    load_checkpoint,
+    per_rank_batch,
+    rank_rows,
+    save_final_sharded,
+    save_train_checkpoint,
+    shard_model,
+)
 from hatlm.errors import ConfigError, UserError
 from hatlm.evaluate import answer_loss, forward_batch, subsample_rows, teacher_forced
 from hatlm.loader import load_model_and_tokenizer
+from hatlm.thinking import sample_think_iters
 from hatlm.trainstate import (
     METRICS,
     MetricsLog,
@@ -106,6 +127,9 @@ class TrainConfig:
     think_iters: int | None = None  # T while training (None: a draw from the model's think_iters_train, or its max)
     think_iters_min: int | None = None  # if set, sample the iterations uniformly in [min, think_iters] per step
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "float32"  # weights: float32 (bf16 autocast on GPU) or bfloat16 (e.g. LoRA's frozen base)
+    lora: str | None = None  # "r=16,alpha=32[,dropout=0.05][,targets=q_proj+v_proj]": PEFT LoRA on the backbone
+    gradient_checkpointing: bool = False  # recompute each layer / thinking iteration in backward
     data_seed: int = 0  # seed of built-in task generation (same data for every training seed)
     task_train_size: int = 5000
     task_eval_size: int = 500
@@ -169,6 +193,15 @@ class TrainConfig:
             )
         if "arm" in self.model:
             raise ConfigError("set the arm with the top-level `arm:` key (or --arm), not under `model:`")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be float32, bfloat16 or float16; got {self.dtype!r}")
+        if self.lora is not None:
+            from hatlm.lora import parse_lora_spec
+
+            try:
+                parse_lora_spec(self.lora)
+            except UserError as e:
+                raise ConfigError(str(e)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -176,7 +209,7 @@ class TrainConfig:
 
 # Keys that may change between a checkpoint and its resumption without changing the trained weights.
 RESUME_MUTABLE = {"eval", "eval_every", "eval_max_examples", "eval_batch_size", "save_every", "keep_checkpoints",
-                  "device", "tensorboard"}
+                  "device", "tensorboard", "gradient_checkpointing"}
 
 
 def _model_keys() -> set[str]:
@@ -282,6 +315,17 @@ def _restore_scheduler(scheduler, state: dict[str, Any], step: int) -> None:
                 scheduler.step()
 
 
+def training_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The weights' dtype for training on `device`; one the device cannot train in is an error."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if dtype == torch.float16:
+        raise UserError("dtype float16 is not supported for training (it needs loss scaling); use bfloat16 "
+                        "(on a GPU with bf16 support) or float32")  # fmt: skip
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"dtype bfloat16: {torch.cuda.get_device_name(device)} does not support bf16; use float32")
+    return dtype
+
+
 def decays(name: str, p: torch.nn.Parameter) -> bool:
     """Whether AdamW's weight decay applies to parameter `name`: matrices do; norms, biases, scalars
     (the re-weighting temperature), the thought slots and every gate do not. Decaying the slots would
@@ -340,21 +384,50 @@ def train(
     ckpt = latest_checkpoint(out) if resume else None
     if not resume and (latest_checkpoint(out) is not None or (out / METRICS).exists()):
         raise UserError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    device = resolve_device(cfg.device)
-    autocast = device.type == "cuda"  # bf16 autocast on GPU; float32 on CPU (no fast bf16 here)
+    env = None
+    if env_world_size() > 1:  # under torchrun: FSDP2 over all processes (hatlm.distributed)
+        env = init_distributed(None if cfg.device == "auto" else cfg.device)
+        per_rank_batch(cfg.batch_size, env.world_size)
+        if not env.is_main:
+            progress = False
+            say = lambda s: None  # noqa: E731
+    device = env.device if env is not None else resolve_device(cfg.device)
+    dtype = training_dtype(cfg.dtype, device)
+    # bf16 autocast on GPU (and for bf16 weights on the CPU, where trained fp32 parts meet the bf16 base).
+    autocast = device.type == "cuda" or dtype != torch.float32
+    if env is not None:
+        autocast = False  # FSDP2's MixedPrecisionPolicy computes in bf16 on GPUs
+        if dtype != torch.float32:
+            raise UserError("multi-process (FSDP2) training keeps float32 master weights: use --dtype float32")
 
     state: dict[str, Any] | None = None
     if ckpt is not None:
         state = load_state(ckpt)
         _check_resume_config(TrainConfig(**state["config"]), cfg, ckpt)
-        # float32 weights on every device: on a GPU the forward runs under bf16 autocast.
-        model, tokenizer = load_model_and_tokenizer(ckpt, device=device, dtype=torch.float32)
+    if ckpt is not None and not cfg.lora and env is None:
+        model, tokenizer = load_model_and_tokenizer(ckpt, device=device, dtype=dtype)
     else:
-        seed_everything(cfg.seed)
+        if ckpt is None:
+            seed_everything(cfg.seed)
         if cfg.init_from and not Path(cfg.init_from).is_dir():
             raise UserError(f"init_from {cfg.init_from}: no such checkpoint folder")
         model, tokenizer = load_model_and_tokenizer(cfg.init_from or cfg.preset, arm=cfg.arm, device=device,
-                                                    dtype=torch.float32, seed=cfg.seed, **cfg.model)
+                                                    dtype=dtype, seed=cfg.seed, **cfg.model)
+        if cfg.lora:
+            from hatlm.lora import add_lora, load_adapter, parse_lora_spec
+
+            # A LoRA checkpoint holds the adapter and the thinking path; the base is rebuilt as at the start.
+            if ckpt is not None and env is None:
+                load_adapter(model, ckpt, trainable_dtype=torch.float32)
+            else:
+                add_lora(model, parse_lora_spec(cfg.lora), base=cfg.init_from or cfg.preset)
+            for p in model.parameters():  # trained tensors in float32 whatever the base's dtype
+                if p.requires_grad:
+                    p.data = p.data.float()
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    params = model.num_parameters()
+    if env is not None:
+        shard_model(model, env, checkpointing=cfg.gradient_checkpointing)
     model.train()
     pad_id = tokenizer.pad_id
 
@@ -366,7 +439,10 @@ def train(
     order = DataOrder(len(train_src), cfg.seed)
     step, elapsed = 0, 0.0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if env is not None:  # a sharded run's model and optimizer come from its distributed checkpoint
+            load_checkpoint(ckpt / "dcp", model, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         _restore_scheduler(scheduler, state["scheduler"], state["step"])
         if state["data"]["n"] != len(train_src):
             raise UserError(
@@ -376,18 +452,25 @@ def train(
         order.consumed = state["data"]["consumed"]
         step, elapsed = state["step"], state["elapsed_s"]
         set_rng_state(state["rng"])
-        truncate_metrics(out / METRICS, step)
+        if env is None or env.is_main:
+            truncate_metrics(out / METRICS, step)
         say(f"resuming {out} from {ckpt.name} (step {step} of {cfg.steps})")
-    else:
+    elif env is None or env.is_main:
         truncate_metrics(out / METRICS, -1)
     save_config(cfg, out / CONFIG_FILE)
-    metrics = MetricsLog(out, cfg.tensorboard)
-    params = model.num_parameters()
+    metrics = MetricsLog(out, cfg.tensorboard) if env is None or env.is_main else NullMetrics()
     thinks = model.thinker is not None  # hybrid and looped: the arms with thinking iterations
+    iters_spec = model.config.hybrid.iters_spec()
 
     def checkpoint_state() -> dict[str, Any]:
         return {"step": step, "elapsed_s": elapsed, "config": cfg.to_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rng_state(), "data": order.state_dict()}
+
+    def save_ckpt() -> Path:
+        if env is not None:
+            return save_train_checkpoint(out, model, optimizer, tokenizer, checkpoint_state(), step,
+                                         cfg.keep_checkpoints, env)  # fmt: skip
+        return save_checkpoint(out, model, tokenizer, checkpoint_state(), step, cfg.keep_checkpoints)
 
     def evaluate(step_now: int) -> dict[str, dict[str, float]]:
         res = {}
@@ -415,12 +498,17 @@ def train(
             rows = [train_src.get(i, e) for i, e in picks]
             micro = [collate([(r[0], r[1]) for r in rows[j : j + cfg.batch_size]], pad_id)
                      for j in range(0, len(rows), cfg.batch_size)]
-            n_target = sum(int(b.target_mask[:, 1:].sum()) for b in micro)
-            # T for this step: cfg.think_iters, else the model's own choice — a draw from its
-            # `think_iters_train` distribution (torch's RNG, saved in every checkpoint) or max_think_iters.
+            n_target = sum(int(b.target_mask[:, 1:].sum()) for b in micro)  # over the global batch
+            if env is not None:  # each rank runs its share of every micro-batch; gradients are summed
+                micro = [collate([(r[0], r[1]) for r in rank_rows(rows[j : j + cfg.batch_size], env)], pad_id)
+                         for j in range(0, len(rows), cfg.batch_size)]
+            # T for this step: cfg.think_iters, else a draw from the model's `think_iters_train`
+            # distribution (max_think_iters when none is set) from a generator seeded by (seed, step):
+            # reproducible, the same on every rank, and unchanged by resuming.
             iters = None
             if thinks:
-                iters = cfg.think_iters if cfg.think_iters is not None else model.think_iters_for(None)
+                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+                iters = cfg.think_iters if cfg.think_iters is not None else sample_think_iters(iters_spec, g)
             if cfg.think_iters_min is not None:
                 # Sampled from the torch RNG, whose state every checkpoint saves.
                 iters = int(torch.randint(cfg.think_iters_min, cfg.think_iters + 1, ()).item())
@@ -439,8 +527,11 @@ def train(
                 loss_total += float(loss.detach())
                 it_sum += float(out_.iterations.float().sum())
                 tokens += int(batch.lengths.sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                       cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                 cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+            if env is not None:
+                loss_total, it_sum, tokens = all_sum([loss_total, it_sum, tokens], env)
+                tokens = int(tokens)
             if not torch.isfinite(grad_norm):
                 _diverged(metrics, step + 1, "gradient norm", float(grad_norm), last_good, optimizer)
             lr_now = optimizer.param_groups[0]["lr"]
@@ -452,7 +543,8 @@ def train(
             last_loss = loss_total
             rec = {"step": step, "split": "train", "loss": loss_total, "lr": lr_now, "grad_norm": float(grad_norm),
                    "tokens": tokens, "tokens_per_s": tokens / max(dt, 1e-9),
-                   "think_iters": it_sum / len(rows), "elapsed_s": elapsed, **model.thinking_stats()}
+                   "think_iters": it_sum / len(rows), "elapsed_s": elapsed,
+                   **(model.thinking_stats() if env is None else {})}
             metrics.write(rec)
             post = {"loss": f"{loss_total:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
             if thinks:
@@ -469,15 +561,18 @@ def train(
             if on_step is not None:
                 on_step(step)
             if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-                last_good = save_checkpoint(out, model, tokenizer, checkpoint_state(), step, cfg.keep_checkpoints)
+                last_good = save_ckpt()
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
     finally:
         bar.close()
         metrics.close()
     if last_good is None or last_good.name != f"step-{step:08d}":
-        last_good = save_checkpoint(out, model, tokenizer, checkpoint_state(), step, cfg.keep_checkpoints)
-    model_dir = save_final_model(out, model, tokenizer)
+        last_good = save_ckpt()
+    if env is None:
+        model_dir = save_final_model(out, model, tokenizer)
+    else:
+        model_dir = save_final_sharded(out, model, tokenizer, env)
     if math.isnan(last_loss):  # resumed a finished run: report the recorded final loss
         train_recs = [r for r in read_metrics(out) if r["split"] == "train"]
         last_loss = train_recs[-1]["loss"] if train_recs else float("nan")

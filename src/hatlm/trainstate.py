@@ -85,7 +85,10 @@ def save_checkpoint(out: Path, model, tokenizer, state: dict[str, Any], step: in
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     final = root / name
-    save_model(model, final, tokenizer=tokenizer, write_extra=lambda tmp: torch.save(state, tmp / STATE_FILE))
+    from hatlm.lora import has_lora, save_adapter_checkpoint
+
+    save = save_adapter_checkpoint if has_lora(model) else save_model  # a LoRA run checkpoints its adapter only
+    save(model, final, tokenizer=tokenizer, write_extra=lambda tmp: torch.save(state, tmp / STATE_FILE))
     atomic_write_text(root / LATEST, name + "\n")
     # Older checkpoints go only after the pointer moved on.
     older = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name != name)
@@ -95,8 +98,13 @@ def save_checkpoint(out: Path, model, tokenizer, state: dict[str, Any], step: in
 
 
 def save_final_model(out: Path, model, tokenizer) -> Path:
+    """OUT/model; a LoRA run also writes OUT/adapter (PEFT format) and then merges into OUT/model."""
     from hatlm.checkpoint import save_model
+    from hatlm.lora import has_lora, merge_lora, save_adapter_checkpoint
 
+    if has_lora(model):
+        save_adapter_checkpoint(model, out / "adapter", tokenizer=tokenizer)
+        model = merge_lora(model)
     return save_model(model, out / "model", tokenizer=tokenizer)
 
 
