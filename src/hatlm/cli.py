@@ -296,6 +296,9 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
                    help="also evaluate hybrid and looped with adaptive depth (up to the largest swept T): "
                         "accuracy and mean iterations per eval file; the criterion is the model's `halting`")
     p.add_argument("--max-eval", type=int, help="evaluate on at most N examples per eval file")
+    p.add_argument("--show-examples", type=int, default=2, metavar="K",
+                   help="write `hatlm show` pages of the first K examples for the hybrid (first seed) into "
+                        "OUT/show/ and link them from results.md (default 2; 0: none)")
     p.add_argument("--workers", type=int,
                    help="runs trained at once, each in its own process (default: one per available CPU core)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads per run (default 1)")
@@ -327,7 +330,7 @@ def run_compare(args: argparse.Namespace) -> int:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     res = compare(args.train, args.eval, args.out, steps=args.steps, seeds=args.seeds, arms=arms, base=base,
                   think_sweep=_int_list(args.think_sweep, "--think-sweep"), max_eval_examples=args.max_eval,
-                  halting_threshold=args.halting_threshold,
+                  halting_threshold=args.halting_threshold, show_examples=args.show_examples,
                   workers=args.workers, threads=args.threads, progress=not args.no_progress)
     write_report(res, args.out)
     print_table(res)

@@ -131,7 +131,8 @@ def _run_job(job: dict[str, Any], on_step, progress: bool, say: Callable[[str], 
     train_it = cfg.think_iters if cfg.think_iters is not None else h.iters_spec().mean
     tf, inf = _flops(model.config, train_rows, max(1, round(train_it)) if thinks else None)
     params = model.num_parameters()
-    run_info = {"arm": arm, "seed": seed, "run_dir": str(run_dir), "wall_time_s": res["wall_time_s"],
+    run_info = {"arm": arm, "seed": seed, "run_dir": str(run_dir), "model_dir": str(res["model_dir"]),
+                "wall_time_s": res["wall_time_s"],
                 "final_train_loss": res["final_loss"], "params": params["total"],
                 "think_iters_train": train_it if thinks else None,
                 "think_iters_train_spec": (h.think_iters_train or f"fixed:{h.max_think_iters}") if thinks else None,
@@ -216,6 +217,7 @@ def compare(
     think_sweep: Sequence[int] = DEFAULT_THINK_SWEEP,
     halting_threshold: float | None = None,
     max_eval_examples: int | None = None,
+    show_examples: int = 0,
     workers: int | None = None,
     threads: int = 1,
     progress: bool = True,
@@ -228,7 +230,8 @@ def compare(
     CPU core), each with `threads` torch threads (default 1). For models this small one thread per
     core beats one process using every core, it degrades gracefully on a machine shared with other
     work (a multi-threaded process whose threads get descheduled can slow down a hundredfold), and
-    results do not depend on the machine's core count. Returns the content of results.json (also
+    results do not depend on the machine's core count. `show_examples` > 0 writes `hatlm show` pages
+    of that many examples per thinking arm (see `write_show_pages`). Returns the content of results.json (also
     written, with predictions.jsonl, into out_dir; `hatlm.reports.write_report` adds results.md and
     the plots)."""
     from tqdm.auto import tqdm
@@ -292,6 +295,7 @@ def compare(
     verdicts = verdict(summary, chance, arms, list(eval_specs))
     predictions = {f"{r['arm']}|{r['seed']}|{r['eval_file']}": r.pop("_predictions") for r in records}
     curves = learning_curves(runs, list(eval_specs))
+    pages = write_show_pages(out, runs, predictions, list(eval_specs), show_examples, say) if show_examples else []
     result = {
         "records": records,
         "summary": summary,
@@ -302,6 +306,7 @@ def compare(
         "curves": curves,
         "think_sweep": list(think_sweep),
         "halting_threshold": halting_threshold,
+        "show_pages": pages,
         "config": base.to_dict(),
         "arms": arms,
         "seeds": seed_list,
@@ -313,6 +318,50 @@ def compare(
                    ensure_ascii=False) + "\n" for k, ps in predictions.items() for p in ps))
     result["predictions"] = predictions
     return result
+
+
+SHOW_ARMS = ("hybrid",)  # the arms `hatlm show` can draw (it traces the hybrid's thinker)
+
+
+def write_show_pages(out: Path, runs: list[dict[str, Any]], predictions: dict[str, list[dict[str, Any]]],
+                     evals: list[str], k: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """`hatlm show` pages of the first `k` greedy-evaluated examples of the first prompt/answer eval
+    file, one per arm that `show` can draw (the first seed's model), in OUT/show/ARM-exampleN/.
+
+    Returns one entry per example: its prompt and answer, every arm's prediction (first seed) and the
+    pages' paths relative to OUT, for results.md to link. Arms show cannot draw get no page: their
+    predictions stand in the table next to the drawn arms'."""
+    from hatlm.show import show
+
+    if not isinstance(k, int) or k < 0:
+        raise UserError(f"--show-examples must be a non-negative integer; got {k!r}")
+    first = {}
+    for r in runs:  # the first seed of each arm
+        first.setdefault(r["arm"], r)
+    # The first eval file with greedy predictions (text files are scored by loss: no prompt to show).
+    e = next((e for e in evals for a in first if predictions.get(f"{a}|{first[a]['seed']}|{e}")), None)
+    if e is None:
+        return []
+    preds = {a: predictions.get(f"{a}|{r['seed']}|{e}", [])[:k] for a, r in first.items()}
+    n = max(len(p) for p in preds.values())
+    entries = [{"eval_file": e, "example": i, "prompt": next(p[i]["prompt"] for p in preds.values() if len(p) > i),
+                "answer": next(p[i]["answer"] for p in preds.values() if len(p) > i),
+                "predictions": {a: {"prediction": p[i]["prediction"], "correct": p[i]["correct"]}
+                                for a, p in preds.items() if len(p) > i}, "pages": {}}
+               for i in range(n)]
+    for a in (a for a in first if a in SHOW_ARMS):
+        model_dir = first[a].get("model_dir") or str(Path(first[a]["run_dir"]) / "model")
+        model, tok = load_model_and_tokenizer(str(model_dir))
+        model.eval()
+        for ent in entries:
+            rel = f"show/{a}-example{ent['example']}"
+            try:
+                show(model, tok, ent["prompt"], out / rel, model_name=f"{a} seed {first[a]['seed']} ({model_dir})")
+            except UserError as err:  # e.g. a prompt too long for the model: the report says so, the rest goes on
+                say(f"show page for {a} example {ent['example']} not written: {err}")
+                continue
+            ent["pages"][a] = f"{rel}/index.html"
+    return entries
 
 
 def available_cpus() -> int:

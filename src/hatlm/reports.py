@@ -110,9 +110,39 @@ def render_markdown(res: dict[str, Any]) -> str:
     lines.append("")
     lines.append(overall_statement(res))
     lines.append("")
+    lines += show_pages_section(res.get("show_pages") or [])
     lines.append(f"Total wall time: {res['total_wall_time_s'] / 60:.1f} min. Plots: `learning_curves.png` (eval "
                  "metric, teacher-forced, against training step; dashed: chance floor), `think_iters.png`.")
     return "\n".join(lines) + "\n"
+
+
+def _md_cell(text: str, limit: int = 80) -> str:
+    """Text for one Markdown table cell: one line, pipes escaped, long text clipped."""
+    t = " ".join(str(text).split()).replace("|", "\\|").replace("`", "'")
+    return t if len(t) <= limit else t[: limit - 1] + "…"
+
+
+def show_pages_section(entries: list[dict[str, Any]]) -> list[str]:
+    """'## What the thinker does': the first examples, each arm's greedy prediction, links to `hatlm show` pages."""
+    if not entries:
+        return []
+    arms = list(dict.fromkeys(a for ent in entries for a in ent["predictions"]))
+    lines = ["## What the thinker does", "",
+             f"The first {len(entries)} examples of `{entries[0]['eval_file']}`, each arm's greedy prediction (first "
+             "seed; ✓ correct) and, for the arms `hatlm show` draws, a link to its page (the thinker's change per "
+             "iteration, re-weighting, attention and nearest tokens of each thought).", "",
+             "| # | prompt | answer | " + " | ".join(arms) + " |", "| --- | --- | --- |" + " --- |" * len(arms)]
+    for ent in entries:
+        cells = []
+        for a in arms:
+            p = ent["predictions"].get(a)
+            cell = f"`{_md_cell(p['prediction'], 30)}` {'✓' if p['correct'] else '✗'}" if p else ""
+            if a in ent["pages"]:
+                cell += f" ([show]({ent['pages'][a]}))"
+            cells.append(cell)
+        lines.append(f"| {ent['example']} | `{_md_cell(ent['prompt'])}` | `{_md_cell(ent['answer'], 30)}` | "
+                     + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _verdict_text(e: str, res: dict[str, Any]) -> str:
