@@ -69,3 +69,70 @@ def test_compare_show_examples_off(files, tmp_path):
     assert _cli(train, [ev], out, "--show-examples", "0") == 0
     assert not (out / "show").exists()
     assert "show/" not in (out / "results.md").read_text()
+
+
+MC = [{"question": "r1 c3 r", "choices": [" 1", " 3", " c"], "answer": 0},
+      {"question": "c9 t4 t", "choices": [" 4", " 9"], "answer": 0},
+      {"question": "a2 b5 b", "choices": [" 2", " 5", " a", " b"], "answer": 1}]
+GEN = [{"q": "r1 c3 c", "a": " 3"}, {"q": "x7 y2 x", "a": " 7"}]
+
+
+def _write_tasks(folder: Path) -> None:
+    common = ("dataset_path: json\ndataset_kwargs:\n  cache_dir: {cache}\n  data_files:\n    test: {file}\n"
+              "test_split: test\n")
+    for name, rows in (("mc", MC), ("gen", GEN)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "mc.yaml").write_text(
+        "task: hatcmp_mc\n" + common.format(cache=folder / "cache", file=folder / "mc.jsonl")
+        + "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: choices\ndoc_to_target: answer\n"
+        "target_delimiter: ''\nmetric_list:\n  - metric: acc\n")
+    (folder / "gen.yaml").write_text(
+        "task: hatcmp_gen\n" + common.format(cache=folder / "cache", file=folder / "gen.jsonl")
+        + "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+        "generation_kwargs:\n  until: ['\\n']\nmetric_list:\n  - metric: exact_match\n")
+
+
+def test_compare_takes_lm_eval_tasks(files, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from hatlm.data import Example
+    from hatlm.evaluate import evaluate_examples
+    from hatlm.loader import load_model_and_tokenizer
+
+    train, _ = files
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _write_tasks(tasks)
+    out = tmp_path / "cmp"
+    assert _cli(train, ["lm-eval:hatcmp_mc", "lm-eval:hatcmp_gen"], out, "--lm-eval-include-path", str(tasks),
+                "--show-examples", "1") == 0
+    res = json.loads((out / "results.json").read_text())
+    # Chance: a uniform guess among each question's choices (multiple choice); the most frequent answer else.
+    assert res["chance"]["lm-eval:hatcmp_mc"]["accuracy"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3)
+    assert res["chance"]["lm-eval:hatcmp_gen"]["accuracy"] == pytest.approx(1 / 2)
+    assert res["eval_sets"]["lm-eval:hatcmp_mc"]["n_total"] == 3
+    # Greedy accuracy equals a direct evaluation of the trained model on the documents themselves.
+    oracle = {"lm-eval:hatcmp_mc": [Example(d["question"], d["choices"][d["answer"]].strip()) for d in MC],
+              "lm-eval:hatcmp_gen": [Example(d["q"], d["a"].strip()) for d in GEN]}
+    for rec in res["records"]:
+        run = next(r for r in res["runs"] if r["arm"] == rec["arm"])
+        model, tok = load_model_and_tokenizer(run["model_dir"])
+        model.eval()
+        want = evaluate_examples(model, tok, oracle[rec["eval_file"]], think_iters=None)
+        assert rec["accuracy"] == pytest.approx(want["accuracy"]) and rec["n"] == len(oracle[rec["eval_file"]])
+    md = (out / "results.md").read_text()
+    assert "## `lm-eval:hatcmp_mc`" in md and "uniform guess among the choices" in md
+
+
+def test_compare_lm_eval_errors(files, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    train, _ = files
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _write_tasks(tasks)
+    assert _cli(train, ["lm-eval:"], tmp_path / "a") == 2
+    assert "name the task" in capsys.readouterr().err
+    assert _cli(train, ["lm-eval:hatcmp_mc"], tmp_path / "b", "--lm-eval-include-path", str(tmp_path / "nope")) == 2
+    assert "no such folder" in capsys.readouterr().err

@@ -282,7 +282,9 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
 
     sweep = ",".join(map(str, DEFAULT_THINK_SWEEP))
     p.add_argument("--train", required=True, metavar="FILE", help="training data (file or task:NAME)")
-    p.add_argument("--eval", action="append", required=True, metavar="FILE", help="eval file (repeatable)")
+    p.add_argument("--eval", action="append", required=True, metavar="FILE",
+                   help="eval file, or lm-eval:TASK for an lm-evaluation-harness task (repeatable)")
+    p.add_argument("--lm-eval-include-path", metavar="DIR", help="folder of local lm-eval task YAMLs")
     p.add_argument("--out", required=True, metavar="DIR", help="report folder")
     p.add_argument("--steps", type=int, help="training steps per run")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
@@ -325,6 +327,8 @@ def run_compare(args: argparse.Namespace) -> int:
         over["preset"] = args.preset
     if args.device:
         over["device"] = args.device
+    if args.lm_eval_include_path:
+        over["lm_eval_include_path"] = str(Path(args.lm_eval_include_path).resolve())
     over["data"] = [args.train]
     base = apply_overrides(base, over, source="command line")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]

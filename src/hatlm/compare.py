@@ -121,7 +121,8 @@ def _run_job(job: dict[str, Any], on_step, progress: bool, say: Callable[[str], 
     res = train(cfg, run_dir, resume=True, progress=progress, log=say, on_step=on_step)
     model, tokenizer = load_model_and_tokenizer(res["model_dir"])
     model.eval()
-    eval_sets = {e: load_eval_set(e, tokenizer, cfg.max_len, cfg.data_seed, say) for e in job["eval_specs"]}
+    eval_sets = {e: load_eval_set(e, tokenizer, cfg.max_len, cfg.data_seed, say,
+                                  lm_eval_include_path=cfg.lm_eval_include_path) for e in job["eval_specs"]}
     src, _ = build_sources(apply_overrides(cfg, {"eval": []}), tokenizer, lambda s: None)
     train_rows = [src.get(i, 0)[:2] for i in range(min(len(src), 2000))]
     thinks = model.thinker is not None  # hybrid and looped

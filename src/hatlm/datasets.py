@@ -21,6 +21,7 @@ from hatlm.data import Example, PreparedData, TextWindows, detect_format, load_e
 from hatlm.errors import UserError
 
 TASK_PREFIX = "task:"
+LM_EVAL_PREFIX = "lm-eval:"  # an lm-evaluation-harness task as an eval set: lm-eval:NAME
 
 
 class DataSettings(Protocol):
@@ -106,8 +107,22 @@ def _is_plain_text(path: Path) -> bool:
     return detect_format(path) == "text"
 
 
+def is_lm_eval_spec(spec: str) -> bool:
+    return spec.startswith(LM_EVAL_PREFIX)
+
+
 def check_data_path(spec: str, flag: str = "--data") -> None:
     """Fail early, with the flag's name, for a file that does not exist or an unknown task."""
+    if is_lm_eval_spec(spec):
+        if flag != "--eval":
+            raise UserError(f"{flag} {spec}: lm-eval tasks are eval sets only (--eval {spec})")
+        if not spec[len(LM_EVAL_PREFIX) :].strip():
+            raise UserError(f"{flag} {spec}: name the task, e.g. lm-eval:arc_easy")
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise UserError(f"{flag} {spec}: lm-eval is not installed (pip install 'hatlm[eval]')") from None
+        return  # whether the task exists is known only once the harness has indexed its tasks
     if is_task_spec(spec):
         from hatlm.tasks import TASKS
 
@@ -136,6 +151,7 @@ class EvalSet:
     examples: list[Example] | None  # the kept prompt/answer examples; None for text
     n_total: int = 0  # examples (or windows) in the source before anything was left out
     left_out: str = ""  # e.g. "12 of 200 left out: 12 longer than max_len 128"; "" when none
+    choices: list[int] | None = None  # multiple-choice sets (lm-eval): number of choices per kept example
 
     @property
     def metric(self) -> str:
@@ -178,10 +194,41 @@ def _prepare_rows(examples: list[Example], tokenizer, max_len: int, name: str,
 
 
 def _example_eval_set(name: str, examples: list[Example], tokenizer, max_len: int,
-                      log: Callable[[str], None]) -> EvalSet:
+                      log: Callable[[str], None], choices: list[int] | None = None) -> EvalSet:
     prep = _prepare_rows(examples, tokenizer, max_len, name, log)
     kept = [examples[i] for i in prep.kept_indices]
-    return EvalSet(name, prep.rows, prep.tasks, kept, len(examples), left_out_text(prep, len(examples)))
+    return EvalSet(name, prep.rows, prep.tasks, kept, len(examples), left_out_text(prep, len(examples)),
+                   [choices[i] for i in prep.kept_indices] if choices is not None else None)
+
+
+_LM_EVAL_CACHE: dict[tuple[str, str | None], tuple[list[Example], list[int] | None]] = {}
+
+
+def lm_eval_examples(task: str, include_path: str | None = None) -> tuple[list[Example], list[int] | None]:
+    """An lm-eval task's examples (and choices per example for multiple choice), cached per process.
+
+    With an include path the harness first indexes only that folder (seconds faster than its whole
+    task library), and the full library only when the task is not there."""
+    key = (task, include_path)
+    if key not in _LM_EVAL_CACHE:
+        from hatlm.harness import task_examples_with_choices
+
+        if include_path is not None and not Path(include_path).is_dir():
+            raise UserError(f"--lm-eval-include-path {include_path}: no such folder")
+        try:
+            try:
+                got = task_examples_with_choices(task, include_path, include_defaults=include_path is None)
+            except UserError as err:
+                if include_path is None or not str(err).startswith("unknown lm-eval task"):
+                    raise
+                got = task_examples_with_choices(task, include_path, include_defaults=True)
+        except UserError:
+            raise
+        except Exception as err:  # the harness's own errors (a bad YAML, a dataset not available offline)
+            raise UserError(f"--eval lm-eval:{task}: lm-eval could not load the task: {type(err).__name__}: {err}") \
+                from err
+        _LM_EVAL_CACHE[key] = got
+    return _LM_EVAL_CACHE[key]
 
 
 def build_sources(cfg: DataSettings, tokenizer, log: Callable[[str], None]) -> tuple[ConcatSource, list[EvalSet]]:
@@ -206,13 +253,21 @@ def build_sources(cfg: DataSettings, tokenizer, log: Callable[[str], None]) -> t
             prep = _prepare_rows(load_examples(spec), tokenizer, cfg.max_len, spec, log)
             train_sources.append(RowSource(prep.rows, prep.tasks, name=spec))
     for spec in cfg.eval:
-        evals.append(load_eval_set(spec, tokenizer, cfg.max_len, cfg.data_seed, log))
+        evals.append(load_eval_set(spec, tokenizer, cfg.max_len, cfg.data_seed, log,
+                                   lm_eval_include_path=getattr(cfg, "lm_eval_include_path", None)))
     return ConcatSource(train_sources), evals
 
 
-def load_eval_set(spec: str, tokenizer, max_len: int, seed: int = 0, log: Callable[[str], None] = print) -> EvalSet:
-    """An eval file as an EvalSet: prompt/answer examples that fit `max_len`, or text windows."""
+def load_eval_set(spec: str, tokenizer, max_len: int, seed: int = 0, log: Callable[[str], None] = print,
+                  lm_eval_include_path: str | None = None) -> EvalSet:
+    """An eval file as an EvalSet: prompt/answer examples that fit `max_len`, or text windows; or an
+    lm-eval task (`lm-eval:NAME`, local YAML tasks from `lm_eval_include_path`) as prompt/answer examples."""
     check_data_path(spec, "--eval")
+    if is_lm_eval_spec(spec):
+        examples, choices = lm_eval_examples(spec[len(LM_EVAL_PREFIX) :], lm_eval_include_path)
+        if not examples:
+            raise UserError(f"--eval {spec}: the task has no evaluation documents")
+        return _example_eval_set(spec, examples, tokenizer, max_len, log, choices)
     if is_task_spec(spec):
         raise UserError(f"--eval {spec}: give an eval file; a task's own held-out sets come with --data {spec}")
     if _is_plain_text(Path(spec)):

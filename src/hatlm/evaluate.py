@@ -220,10 +220,12 @@ def chance_floor(ev: EvalSet, max_examples: int | None = None) -> tuple[float, s
 
     Built-in tasks (labels NAME/dK): the task's own chance (a uniform guess among the answers the
     prompt makes possible), averaged over the examples. Other files: always answering the most
-    frequent answer of the set."""
+    frequent answer of the set. Multiple-choice sets (lm-eval tasks): the mean of 1/choices."""
     from hatlm import tasks as T
 
     exs = select_examples(ev, max_examples)
+    if getattr(ev, "choices", None) and exs:
+        return float(np.mean([1 / c for c in ev.choices[: len(exs)]])), "uniform guess among the choices"
     try:
         vals = []
         for ex in exs:

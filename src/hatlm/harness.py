@@ -269,9 +269,6 @@ def evaluate(
     return results
 
 
-
-
-
 def task_examples(task: str, include_path: str | None = None, limit: int | None = None,
                   include_defaults: bool = True) -> list[Any]:  # fmt: skip
     """An lm-eval task's documents as hatlm prompt/answer `Example`s (for `hatlm eval` / `hatlm compare`).
@@ -280,6 +277,13 @@ def task_examples(task: str, include_path: str | None = None, limit: int | None 
     leading target delimiter removed) or doc_to_target (generate_until); task = "lm-eval/<name>".
     Loglikelihood-only tasks (rolling perplexity, plain loglikelihood) have no prompt/answer form.
     """
+    return task_examples_with_choices(task, include_path, limit, include_defaults)[0]
+
+
+def task_examples_with_choices(task: str, include_path: str | None = None, limit: int | None = None,
+                               include_defaults: bool = True) -> tuple[list[Any], list[int] | None]:  # fmt: skip
+    """`task_examples` and, for a multiple-choice task, the number of choices of each example (its
+    chance floor is the mean of 1/choices); None for a generation task."""
     from lm_eval.tasks import TaskManager
 
     from hatlm.data import Example
@@ -291,7 +295,7 @@ def task_examples(task: str, include_path: str | None = None, limit: int | None 
     kind = obj.OUTPUT_TYPE
     if kind not in ("multiple_choice", "generate_until"):
         raise UserError(f"lm-eval task {task!r} is {kind}: only multiple_choice and generate_until have answers")
-    out = []
+    out, n_choices = [], []
     for i, doc in enumerate(obj.eval_docs):
         if limit is not None and i >= limit:
             break
@@ -300,10 +304,13 @@ def task_examples(task: str, include_path: str | None = None, limit: int | None 
         if kind == "multiple_choice":
             choices = obj.doc_to_choice(doc)
             answer = choices[target] if isinstance(target, int) else str(target)
+            n_choices.append(len(choices))
         else:
             answer = target[0] if isinstance(target, list) else str(target)
         out.append(Example(prompt=str(prompt), answer=str(answer).strip(), task=f"lm-eval/{task}"))
-    return out
+    return out, (n_choices if kind == "multiple_choice" else None)
+
+
 def write_results(results: dict, folder: Path, samples: bool = False) -> None:
     """results.json (everything but the samples) and, with `samples`, samples_TASK.jsonl per task."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -315,4 +322,4 @@ def write_results(results: dict, folder: Path, samples: bool = False) -> None:
             (folder / f"samples_{task}.jsonl").write_text("".join(line + "\n" for line in lines))
 
 
-__all__ = ["HatLMEval", "evaluate", "task_examples", "write_results"]
+__all__ = ["HatLMEval", "evaluate", "task_examples", "task_examples_with_choices", "write_results"]

@@ -103,6 +103,7 @@ class TrainConfig:
 
     data: list[str] = field(default_factory=list)  # files and/or "task:NAME"
     eval: list[str] = field(default_factory=list)  # eval files ("as given" names in metrics)
+    lm_eval_include_path: str | None = None  # folder of local lm-eval task YAMLs for `--eval lm-eval:NAME`
     preset: str = "tiny-bytes"  # model preset (random init) ...
     init_from: str | None = None  # ... or a Mistral / hatlm checkpoint folder (keeps its tokenizer)
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig / HybridConfig overrides
@@ -209,7 +210,7 @@ class TrainConfig:
 
 # Keys that may change between a checkpoint and its resumption without changing the trained weights.
 RESUME_MUTABLE = {"eval", "eval_every", "eval_max_examples", "eval_batch_size", "save_every", "keep_checkpoints",
-                  "device", "tensorboard", "gradient_checkpointing"}
+                  "device", "tensorboard", "gradient_checkpointing", "lm_eval_include_path"}
 
 
 def _model_keys() -> set[str]:
