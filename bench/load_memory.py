@@ -17,6 +17,12 @@ new). The claim under test: hatlm's peak stays within ~1.1× the model's size (m
 tensor when a dtype cast is needed).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/load_memory.py [--hidden 1024 --layers 8] [--dtype bfloat16]
+    .venv/bin/python bench/load_memory.py --preset mistral-7b --dtype bfloat16 [--layers 16]
+
+The checkpoint is written from a meta-device model, one random tensor at a time, so a 7B-shaped
+checkpoint can be written on a machine that could not hold it in float32. Methods that would build
+the whole model in float32 in memory (naive; transformers) are skipped, with a message, when that
+would not fit the memory available (--methods chooses explicitly).
 """
 
 from __future__ import annotations
@@ -98,14 +104,86 @@ def child(method: str, folder: str) -> None:
     print(json.dumps({"peak_kib": hwm - rss0, "final_kib": rss1 - rss0, "model_bytes": n_bytes}))
 
 
+def _meminfo_kib(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k == key:
+            return int(v.split()[0])
+    return 0
+
+
+class _RandomTensor:
+    """Stands in for a meta tensor in `write_safetensors`: shape and dtype for the header, and random
+    values materialised only when its data is written (one tensor in memory at a time)."""
+
+    def __init__(self, meta, dtype) -> None:
+        self.shape, self.dtype = meta.shape, dtype
+        self._numel = meta.numel()
+
+    def numel(self) -> int:
+        return self._numel
+
+    def element_size(self) -> int:
+        import torch
+
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def detach(self):
+        import torch
+
+        return torch.empty(self.shape, dtype=self.dtype).uniform_(-0.02, 0.02)
+
+
+def write_random_checkpoint(config, folder: Path, dtype, shard: str | None) -> int:
+    """A Mistral-layout folder (plain config.json, no hatlm section) of random weights, written from a
+    meta-device model; returns the number of parameters."""
+    import torch
+
+    from hatlm.checkpoint import (
+        INDEX_FILE,
+        _model_tensors,
+        _shard,
+        hf_config_dict,
+        hf_name,
+        parse_size,
+        write_safetensors,
+    )
+    from hatlm.model import HatLM
+
+    with torch.device("meta"):
+        model = HatLM(config)
+    tensors = [(hf_name(n), _RandomTensor(t, dtype)) for n, t in _model_tensors(model).items()]
+    folder.mkdir(parents=True)
+    shards = _shard(tensors, None if shard is None else parse_size(shard))
+    if len(shards) == 1:
+        write_safetensors(folder / "model.safetensors", shards[0])
+    else:
+        weight_map = {}
+        for i, part in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(folder / fname, part)
+            weight_map.update({n: fname for n, _ in part})
+        total = sum(t.numel() * t.element_size() for _, t in tensors)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    # A plain Mistral folder (no hatlm section), as downloaded from the Hub.
+    cfg = hf_config_dict(config, dtype)
+    cfg.pop("hatlm", None)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return sum(t.numel() for _, t in tensors)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--preset", default=None, help="a hatlm preset's shapes (e.g. mistral-7b); --layers overrides")
+    ap.add_argument("--hidden", type=int, default=None, help="default 1024 (or the preset's)")
+    ap.add_argument("--intermediate", type=int, default=None, help="MLP width (default 3 × hidden, or the preset's)")
+    ap.add_argument("--layers", type=int, default=None, help="default 8 (or the preset's)")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--shard", default=None, help="max_shard_size for the saved checkpoint, e.g. 200MB")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of hatlm,hatlm-hybrid,naive,transformers")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "FOLDER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -114,34 +192,45 @@ def main() -> None:
 
     import torch
 
-    from hatlm.checkpoint import save_model
     from hatlm.config import ModelConfig
-    from hatlm.model import HatLM
 
-    config = ModelConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.hidden * 3,
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 128),
-        num_key_value_heads=max(1, args.hidden // 512),
-        hybrid=dict(arm="causal", thinker_layers=0, thought_slots=0),
-    )
+    if args.preset:
+        base = ModelConfig.from_name(args.preset)
+        hidden = args.hidden or base.hidden_size
+        shape = dict(vocab_size=base.vocab_size, hidden_size=hidden,
+                     intermediate_size=args.intermediate or base.intermediate_size,
+                     num_hidden_layers=args.layers or base.num_hidden_layers,
+                     num_attention_heads=base.num_attention_heads, num_key_value_heads=base.num_key_value_heads)
+    else:
+        hidden = args.hidden or 1024
+        shape = dict(vocab_size=args.vocab, hidden_size=hidden, intermediate_size=args.intermediate or hidden * 3,
+                     num_hidden_layers=args.layers or 8, num_attention_heads=max(1, hidden // 128),
+                     num_key_value_heads=max(1, hidden // 512))
+    config = ModelConfig(**shape, hybrid=dict(arm="causal", thinker_layers=0, thought_slots=0))
+    dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent) as tmp:
         folder = Path(tmp) / "ckpt"
-        model = HatLM(config).to(getattr(torch, args.dtype))
-        save_model(model, folder, max_shard_size=args.shard)
-        del model
-        # A plain Mistral folder (no hatlm section), as downloaded from the Hub.
-        cfg = json.loads((folder / "config.json").read_text())
-        cfg.pop("hatlm")
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+        n_params = write_random_checkpoint(config, folder, dtype, args.shard)
         size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
         print(
-            f"checkpoint: {size / 2**20:,.0f} MiB {args.dtype}, {len(list(folder.glob('*.safetensors')))} file(s), "
-            f"hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; torch {torch.__version__}"
+            f"checkpoint: {size / 2**20:,.0f} MiB {args.dtype} ({n_params / 1e9:.2f} B parameters), "
+            f"{len(list(folder.glob('*.safetensors')))} file(s), hidden {shape['hidden_size']}, "
+            f"MLP {shape['intermediate_size']}, {shape['num_hidden_layers']} layers, vocab {shape['vocab_size']}; "
+            f"torch {torch.__version__}; host RAM {_meminfo_kib('MemTotal') / 2**20:.1f} GiB, "
+            f"{_meminfo_kib('MemAvailable') / 2**20:.1f} GiB available"
         )
-        methods = ["hatlm", "hatlm-hybrid", "naive"] + ([] if args.no_transformers else ["transformers"])
+        if args.methods:
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        else:
+            methods = ["hatlm", "hatlm-hybrid", "naive"] + ([] if args.no_transformers else ["transformers"])
+            # naive builds the model in float32 and then holds the file's tensors too; transformers
+            # may build in float32: skipped where that would not fit (an OOM kill helps nobody).
+            avail = _meminfo_kib("MemAvailable") * 1024
+            need = {"naive": n_params * 4 + size, "transformers": n_params * 4}
+            for m, b in need.items():
+                if m in methods and b > 0.8 * avail:
+                    methods.remove(m)
+                    print(f"{m}: skipped (needs about {b / 2**30:.1f} GiB; {avail / 2**30:.1f} GiB available)")
         print(
             f"{'method':<14}{'peak MiB':>10}{'peak/size':>11}{'final MiB':>11}{'final/size':>12}"
             f"{'model MiB':>11}{'peak/model':>12}"
