@@ -224,9 +224,16 @@ def main() -> None:
         else:
             methods = ["hatlm", "hatlm-hybrid", "naive"] + ([] if args.no_transformers else ["transformers"])
             # naive builds the model in float32 and then holds the file's tensors too; transformers
-            # may build in float32: skipped where that would not fit (an OOM kill helps nobody).
+            # (4.x) builds in float32: skipped where that would not fit (an OOM kill helps nobody).
             avail = _meminfo_kib("MemAvailable") * 1024
             need = {"naive": n_params * 4 + size, "transformers": n_params * 4}
+            try:  # transformers 5 loads in the file's dtype ("auto"); 4.x in float32
+                import transformers
+
+                if int(transformers.__version__.split(".")[0]) >= 5:
+                    need["transformers"] = size
+            except ImportError:
+                pass
             for m, b in need.items():
                 if m in methods and b > 0.8 * avail:
                     methods.remove(m)
