@@ -52,12 +52,15 @@ def answer_loss(logits: Tensor, input_ids: Tensor, target_mask: Tensor) -> tuple
     return loss_sum, mask.sum(), hit.all(dim=1)
 
 
-def forward_batch(model, batch, device: torch.device, think_iters: int | None, autocast: bool):
-    """(input_ids on device, model output) for a collated Batch; bf16 autocast when asked (GPU)."""
+def forward_batch(model, batch, device: torch.device, think_iters: int | None, autocast: bool,
+                  backprop_iters: int | None = None):
+    """(input_ids on device, model output) for a collated Batch; bf16 autocast when asked (GPU).
+    `backprop_iters` (training) overrides the thinker's truncated-backprop depth for this call."""
     ids = batch.input_ids.to(device)
+    extra = {} if backprop_iters is None else {"backprop_iters": backprop_iters}
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
         out = model(ids, prompt_lengths=batch.prompt_lengths.to(device), lengths=batch.lengths.to(device),
-                    think_iters=think_iters)
+                    think_iters=think_iters, **extra)
     return ids, out
 
 
