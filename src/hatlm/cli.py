@@ -328,6 +328,14 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--halting-threshold", type=float, metavar="EPS",
                    help="also evaluate hybrid and looped with adaptive depth (up to the largest swept T): "
                         "accuracy and mean iterations per eval file; the criterion is the model's `halting`")
+    p.add_argument("--refine-steps", default="", metavar="G[,G...]",
+                   help="also evaluate every hybrid run with G steps of gradient refinement of its thoughts "
+                        "(each G in turn); the report shows the effect with CIs, paired per seed")
+    p.add_argument("--rethink-every", default="", metavar="R[,R...]",
+                   help="also evaluate every hybrid run re-thinking every R generated tokens (each R in turn)")
+    p.add_argument("--refine-lr", type=float, default=0.1, help="refinement's relative step size (default 0.1)")
+    p.add_argument("--refine-objective", default="entropy", choices=("entropy", "reread"),
+                   help="what refinement lowers (default: entropy of the first answer token)")
     p.add_argument("--max-eval", type=int, help="evaluate on at most N examples per eval file")
     p.add_argument("--workers", type=int,
                    help="runs trained at once, each in its own process (default: one per available CPU core)")
@@ -361,6 +369,9 @@ def run_compare(args: argparse.Namespace) -> int:
     res = compare(args.train, args.eval, args.out, steps=args.steps, seeds=args.seeds, arms=arms, base=base,
                   think_sweep=_int_list(args.think_sweep, "--think-sweep"), max_eval_examples=args.max_eval,
                   halting_threshold=args.halting_threshold,
+                  refine_steps=_int_list(args.refine_steps, "--refine-steps"),
+                  rethink_every=_int_list(args.rethink_every, "--rethink-every"), refine_lr=args.refine_lr,
+                  refine_objective=args.refine_objective,
                   workers=args.workers, threads=args.threads, progress=not args.no_progress)
     write_report(res, args.out)
     print_table(res)

@@ -104,6 +104,7 @@ def render_markdown(res: dict[str, Any]) -> str:
                              f"{per_arm[a]['halting']['mean_iterations']:.2f} iterations per example on average"
                              for a in halted) + ".")
             lines.append("")
+        lines += refine_rethink_lines(res, e)
         lines.append(_verdict_text(e, res))
         lines.append("")
     lines.append("## Verdict")
@@ -113,6 +114,31 @@ def render_markdown(res: dict[str, Any]) -> str:
     lines.append(f"Total wall time: {res['total_wall_time_s'] / 60:.1f} min. Plots: `learning_curves.png` (eval "
                  "metric, teacher-forced, against training step; dashed: chance floor), `think_iters.png`.")
     return "\n".join(lines) + "\n"
+
+
+def refine_rethink_lines(res: dict[str, Any], e: str) -> list[str]:
+    """The table "effect of refinement / re-thinking" of eval file e (hybrid), or nothing: accuracy
+    with each test-time setting (mean ± 95% CI over seeds) and its difference to the plain setting,
+    paired per seed (mean ± 95% CI of the per-seed differences, in points)."""
+    tt = res.get("test_time", {}).get(e)
+    if not tt or not tt.get("settings"):
+        return []
+    n = len(tt["seeds"])
+    lines = [f"Effect of refinement / re-thinking (hybrid, {n} seed{'s' * (n != 1)}; difference to plain paired "
+             "per seed, in points; G: gradient steps on the thoughts, R: think again every R answer tokens):", "",
+             "| setting | accuracy | per seed | Δ vs plain | Δ per seed |", "| --- | ---: | --- | ---: | --- |"]
+    p = tt["plain"]
+    lines.append(f"| plain | {_fmt_metric('accuracy', p['mean'], p['ci95'])} | "
+                 f"{', '.join(f'{100 * v:.1f}' for v in p['values'])} | | |")
+    for name, st in tt["settings"].items():
+        o = st["options"]
+        label = name + (f" (lr {o['refine_lr']:g}, {o['refine_objective']})" if "refine_lr" in o else "")
+        d = f"{100 * st['diff_mean']:+.1f}" + (f" ± {100 * st['diff_ci95']:.1f}" if not math.isnan(st["diff_ci95"])
+                                                else "")
+        lines.append(f"| {label} | {_fmt_metric('accuracy', st['mean'], st['ci95'])} | "
+                     f"{', '.join(f'{100 * v:.1f}' for v in st['values'])} | {d} | "
+                     f"{', '.join(f'{100 * v:+.1f}' for v in st['diffs'])} |")
+    return [*lines, ""]
 
 
 def _verdict_text(e: str, res: dict[str, Any]) -> str:
