@@ -3,6 +3,7 @@ setting, the per-seed paired differences, the report table, and the errors."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import statistics
@@ -17,7 +18,7 @@ from hatlm.datasets import load_eval_set
 from hatlm.errors import UserError
 from hatlm.evaluate import evaluate_set
 from hatlm.loader import load_model_and_tokenizer
-from hatlm.reports import refine_rethink_lines, render_markdown
+from hatlm.reports import print_table, refine_rethink_lines, render_markdown
 from hatlm.tasks import make_split
 from hatlm.train import TrainConfig
 
@@ -99,6 +100,9 @@ def test_compare_evaluates_every_hybrid_run_with_each_setting(tmp_path, files):
     md = render_markdown(res)
     assert "Effect of refinement / re-thinking (hybrid, 2 seeds" in md
     assert "| refine_steps=2 (lr 0.3, entropy) |" in md and "| rethink_every=1 |" in md
+    buf = io.StringIO()
+    print_table(res, file=buf)
+    assert "hybrid with refine_steps=2: " in buf.getvalue() and "points vs plain, paired" in buf.getvalue()
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -21,7 +21,8 @@ and, in the summary, mean ± 95% CI over seeds and the paired (per seed) differe
 
 DIR/
   results.json          {"records": [one per arm/seed/eval file], "summary": ..., "chance": ..., "eval_sets":
-                        which examples each file's metrics are on and what was left out, "config": ...}
+                        which examples each file's metrics are on and what was left out, "test_time": the
+                        hybrid's refinement / re-thinking settings vs plain, "config": ...}
   results.md            the table: mean and 95% CI (Student t over seeds) per arm, parameters, FLOPs,
                         wall time, the hybrid's accuracy vs thinking iterations, the chance floor,
                         and a plain statement of who won and whether the CIs separate them
@@ -185,8 +186,8 @@ def _run_job(job: dict[str, Any], on_step, progress: bool, say: Callable[[str], 
 # ------------------------------------------------------------------------------------ refinement / re-thinking
 
 
-def refine_rethink_settings(refine_steps: Sequence[int] = (), rethink_every: Sequence[int] = (), refine_lr: float = 0.1,
-                       refine_objective: str = "entropy") -> list[dict[str, Any]]:
+def refine_rethink_settings(refine_steps: Sequence[int] = (), rethink_every: Sequence[int] = (),
+                            refine_lr: float = 0.1, refine_objective: str = "entropy") -> list[dict[str, Any]]:
     """The extra test-time settings a hybrid run is evaluated with: each G of refine_steps (gradient
     refinement of the thoughts, `refine_lr`, `refine_objective`) and each R of rethink_every, one at a
     time (not combined). → [{"name": "refine_steps=G", "options": {generate's keyword arguments}}, ...]."""

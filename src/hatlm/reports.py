@@ -331,6 +331,9 @@ def print_table(res: dict[str, Any], file=None) -> None:
             if sw:
                 print(f"  {a} by test-time thinking iterations: " + ", ".join(
                     f"T={t}: {_fmt_metric(metric, m, ci)}" for t, (m, ci) in sw.items()), file=file)
+        for name, st in res.get("test_time", {}).get(e, {}).get("settings", {}).items():
+            print(f"  hybrid with {name}: {_fmt_metric('accuracy', st['mean'], st['ci95'])} "
+                  f"({100 * st['diff_mean']:+.1f} ± {100 * st['diff_ci95']:.1f} points vs plain, paired)", file=file)
     print("\n" + overall_statement(res), file=file)
 
 
