@@ -3,12 +3,12 @@ import json
 import sys
 from collections import defaultdict
 
-sys.path.insert(0, "/work/wt/C/src")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "src"))
 from hatlm.compare import mean_ci  # noqa: E402
 
 prefix = sys.argv[1] if len(sys.argv) > 1 else ""
 groups = defaultdict(list)
-for line in open("/work/wt/C/notes/runs.jsonl"):
+for line in open(__import__("pathlib").Path(__file__).resolve().parent / "runs.jsonl"):
     r = json.loads(line)
     if r["tag"].startswith(prefix):
         groups[(r["tag"], r["task"], r["arm"])].append(r)

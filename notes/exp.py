@@ -9,6 +9,7 @@ import json
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -42,7 +43,7 @@ def main():
     p.add_argument("--model", nargs="*", default=[])
     p.add_argument("--train", nargs="*", default=[])
     p.add_argument("--tag", default="")
-    p.add_argument("--log", default="/work/wt/C/notes/runs.jsonl")
+    p.add_argument("--log", default=str(Path(__file__).resolve().parent / "runs.jsonl"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()

@@ -1,6 +1,6 @@
 import json, sys
 tag = sys.argv[1] if len(sys.argv) > 1 else None
-for l in open("/work/wt/C/notes/runs.jsonl"):
+for l in open(__import__("pathlib").Path(__file__).resolve().parent / "runs.jsonl"):
     r = json.loads(l)
     if tag and not r["tag"].startswith(tag):
         continue

@@ -273,6 +273,20 @@ def test_demo_end_to_end_in_miniature(tmp_path):
             fl = per_arm[arm]["inference_flops_by_think_iters"]
             assert fl["2"] > fl["1"] > 0
     assert res["config"]["model"] == TINY_MODEL and res["config"]["steps"] == 2
+    # The ablation table: one hybrid run per ablation with that ingredient switched off, its accuracy as
+    # recorded in that run's own results.json.
+    from hatlm.demo import DEMO_ABLATIONS
+
+    md = (tmp_path / "demo" / "results.md").read_text()
+    assert "## Ablation: the hybrid with one thinker ingredient off" in md
+    for name, over in DEMO_ABLATIONS.items():
+        folder = tmp_path / "demo" / "ablations" / name.split(" (")[0].replace(" ", "-").replace("=", "")
+        ab = json.loads((folder / "results.json").read_text())
+        assert ab["arms"] == ["hybrid"] and all(ab["config"]["model"][k] == v for k, v in over.items())
+        row = next(ln for ln in md.splitlines() if ln.startswith(f"| {name} "))
+        for e in ab["summary"]:
+            s = ab["summary"][e]["hybrid"]
+            assert f"{100 * s['mean']:.1f} ± {100 * s['ci95']:.1f}" in row
 
 
 def test_shipped_configs_are_valid():

@@ -52,11 +52,21 @@ DEMO_TRAIN: dict[str, Any] = dict(
 )
 
 
+# The ablation table of the report: the hybrid with one thinker ingredient switched off at a time (same
+# seeds, data and recipe). Measured on this task (docs/issue8-thinking.md), these are the ones that matter.
+DEMO_ABLATIONS: dict[str, dict[str, Any]] = {
+    "no state norm": {"state_norm": False},
+    "no input injection": {"injection": "none"},
+    "no relevance (attention and step)": {"reweight": False, "reweight_attention": False},
+    "fixed depth T = 2 (no sampling)": {"think_iters_train": ""},
+}
+
+
 def demo(out_dir: str | Path = "hatlm-demo", *, steps: int | None = None, seeds: int = DEMO_SEEDS,
          n_train: int = DEMO_N_TRAIN, n_eval: int = DEMO_N_EVAL, think_sweep=DEMO_THINK_SWEEP,
          halting_threshold: float | None = DEMO_HALTING_THRESHOLD,
          train_overrides: dict[str, Any] | None = None, workers: int | None = None, progress: bool = True,
-         show: int = 4, file=None) -> dict[str, Any]:
+         show: int = 4, ablations: dict[str, dict[str, Any]] | None = None, file=None) -> dict[str, Any]:
     """Generate the task, compare the five arms, print the table and examples; returns compare's result."""
     from hatlm.compare import compare
     from hatlm.data import write_jsonl
@@ -101,6 +111,12 @@ def demo(out_dir: str | Path = "hatlm-demo", *, steps: int | None = None, seeds:
     print_table(res, file=file)
     if show:
         _show_predictions(res, eval_files[-1], show, file)
+    ablations = DEMO_ABLATIONS if ablations is None else ablations
+    if ablations:
+        table = _ablate(res, train_file, eval_files, out, cfg, ablations, seeds, workers, progress)
+        with open(out / "results.md", "a", encoding="utf-8") as f:
+            f.write("\n" + table)
+        print("\n" + table, file=file, flush=True)
     total = time.perf_counter() - t0
     print(f"\nDone in {total / 60:.1f} min. Report: {out / 'results.md'}\n"
           f"  learning curves: {out / 'learning_curves.png'}   thinking sweep: {out / 'think_iters.png'}\n"
@@ -108,6 +124,31 @@ def demo(out_dir: str | Path = "hatlm-demo", *, steps: int | None = None, seeds:
           f"Try: hatlm generate {out / 'runs' / 'hybrid-seed0' / 'model'} \"{example.prompt}\"", file=file, flush=True)
     res["demo_wall_time_s"] = total
     return res
+
+
+def _ablate(res: dict[str, Any], train_file: Path, eval_files: list[str], out: Path, cfg, ablations, seeds: int,
+            workers: int | None, progress: bool) -> str:
+    """Train the hybrid once more per ablation (same seeds), into out/ablations/NAME → a Markdown table."""
+    from hatlm.compare import compare
+    from hatlm.train import apply_overrides
+
+    rows = [("full recipe", res["summary"])]
+    for name, over in ablations.items():
+        acfg = apply_overrides(cfg, {"model": {**cfg.model, **over}}, source=f"ablation {name!r}")
+        folder = out / "ablations" / name.split(" (")[0].replace(" ", "-").replace("=", "")
+        r = compare(str(train_file), eval_files, folder, seeds=seeds, arms=["hybrid"], base=acfg,
+                    think_sweep=(), workers=workers, progress=progress)
+        rows.append((f"{name} (`{over}`)", r["summary"]))
+    head = " | ".join(Path(e).stem.replace("eval-", "") for e in eval_files)
+    lines = ["## Ablation: the hybrid with one thinker ingredient off (same seeds; greedy accuracy %)", "",
+             f"| hybrid | {head} |", "| --- |" + " --- |" * len(eval_files)]
+    for name, summary in rows:
+        cells = []
+        for e in eval_files:
+            s = summary.get(e, {}).get("hybrid")
+            cells.append("–" if s is None else f"{100 * s['mean']:.1f} ± {100 * s['ci95']:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _show_predictions(res: dict[str, Any], eval_file: str, k: int, file) -> None:
