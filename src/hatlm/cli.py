@@ -211,6 +211,23 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="plain text: seed of the window split points")
     p.add_argument("--show", type=int, default=5, help="print the first N predictions (default 5; 0: none)")
     p.add_argument("--predictions", type=Path, default=None, help="write every prediction to this JSONL file")
+    p.add_argument("--refine-steps", type=int, default=0, metavar="G",
+                   help="hybrid: G steps of gradient refinement of the thoughts after each think (default 0)")
+    p.add_argument("--refine-lr", type=float, default=0.1, help="refinement's relative step size (default 0.1)")
+    p.add_argument("--refine-objective", default="entropy", choices=("entropy", "reread"),
+                   help="what refinement lowers (default entropy of the first answer token)")
+    p.add_argument("--rethink-every", type=int, default=None, metavar="R",
+                   help="hybrid: think again over prompt + answer so far every R generated tokens")
+
+
+def check_test_time_flags(refine_steps: int, refine_lr: float, rethink_every: int | None) -> None:
+    """Clear errors for the refinement / re-thinking flags before any model is loaded."""
+    if refine_steps < 0:
+        raise UserError(f"--refine-steps must be >= 0; got {refine_steps}")
+    if not refine_lr > 0:
+        raise UserError(f"--refine-lr must be > 0; got {refine_lr}")
+    if rethink_every is not None and rethink_every < 1:
+        raise UserError(f"--rethink-every must be >= 1; got {rethink_every}")
 
 
 def _clip(text: str, n: int = 60) -> str:
@@ -229,14 +246,20 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError(f"--limit must be >= 1; got {args.limit}")
     if args.think_iters is not None and args.think_iters < 0:
         raise UserError(f"--think-iters must be >= 0; got {args.think_iters}")
+    check_test_time_flags(args.refine_steps, args.refine_lr, args.rethink_every)
     fmt = detect_format(args.data)  # checks the data file before the (slower) model load
+    if fmt == "text" and (args.refine_steps or args.rethink_every):
+        raise UserError("--refine-steps / --rethink-every act on generation: they need prompt/answer data "
+                        f"(greedy accuracy); {args.data} is plain text (loss per token)")
     model, tokenizer = load_model_and_tokenizer(args.checkpoint, device=args.device, dtype=args.dtype)
     if args.think_iters is not None and model.arm != "hybrid":
         raise UserError(f"--think-iters applies to the hybrid arm; {args.checkpoint} is the {model.arm!r} arm")
     think = args.think_iters if args.think_iters is not None else (
         model.config.hybrid.max_think_iters if model.arm == "hybrid" else None)
     result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "data": str(args.data), "format": fmt,
-                              "arm": model.arm, "think_iters": think}
+                              "arm": model.arm, "think_iters": think, "refine_steps": args.refine_steps,
+                              "refine_lr": args.refine_lr, "refine_objective": args.refine_objective,
+                              "rethink_every": args.rethink_every}
     progress = sys.stderr.isatty()
     if fmt == "text":
         limit = model.config.max_position_embeddings - model.config.num_thought_slots
@@ -249,7 +272,8 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         examples = load_examples(args.data, fmt)[: args.limit]
         r = evaluate_examples(model, tokenizer, examples, batch_size=args.batch_size, think_iters=args.think_iters,
-                              progress=progress)
+                              progress=progress, refine_steps=args.refine_steps, refine_lr=args.refine_lr,
+                              refine_objective=args.refine_objective, rethink_every=args.rethink_every)
         predictions = r.pop("predictions")
         result.update(r)
         if args.predictions is not None:
@@ -265,6 +289,15 @@ def run_eval(args: argparse.Namespace) -> int:
         return 0
     n_ok = round(result["accuracy"] * result["n"])
     print(f"  accuracy {100 * result['accuracy']:.1f}%  ({n_ok}/{result['n']} exact match)")
+    if args.refine_steps or args.rethink_every:
+        extra = []
+        if args.refine_steps:
+            extra.append(f"refine_steps={args.refine_steps} (lr {args.refine_lr}, {args.refine_objective})")
+        if args.rethink_every:
+            extra.append(f"rethink_every={args.rethink_every}")
+        if "refine_before" in result:
+            extra.append(f"objective {result['refine_before']:.4f} → {result['refine_after']:.4f}")
+        print(f"  with {'; '.join(extra)}")
     if len(result["per_task"]) > 1:
         width = max(len(t) for t in result["per_task"])
         for task, v in result["per_task"].items():
@@ -297,6 +330,14 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--halting-threshold", type=float, metavar="EPS",
                    help="also evaluate hybrid and looped with adaptive depth (up to the largest swept T): "
                         "accuracy and mean iterations per eval file; the criterion is the model's `halting`")
+    p.add_argument("--refine-steps", default="", metavar="G[,G...]",
+                   help="also evaluate every hybrid run with G steps of gradient refinement of its thoughts "
+                        "(each G in turn); the report shows the effect with CIs, paired per seed")
+    p.add_argument("--rethink-every", default="", metavar="R[,R...]",
+                   help="also evaluate every hybrid run re-thinking every R generated tokens (each R in turn)")
+    p.add_argument("--refine-lr", type=float, default=0.1, help="refinement's relative step size (default 0.1)")
+    p.add_argument("--refine-objective", default="entropy", choices=("entropy", "reread"),
+                   help="what refinement lowers (default: entropy of the first answer token)")
     p.add_argument("--max-eval", type=int, help="evaluate on at most N examples per eval file")
     p.add_argument("--show-examples", type=int, default=2, metavar="K",
                    help="write `hatlm show` pages of the first K examples for the hybrid (first seed) into "
@@ -335,6 +376,9 @@ def run_compare(args: argparse.Namespace) -> int:
     res = compare(args.train, args.eval, args.out, steps=args.steps, seeds=args.seeds, arms=arms, base=base,
                   think_sweep=_int_list(args.think_sweep, "--think-sweep"), max_eval_examples=args.max_eval,
                   halting_threshold=args.halting_threshold, show_examples=args.show_examples,
+                  refine_steps=_int_list(args.refine_steps, "--refine-steps"),
+                  rethink_every=_int_list(args.rethink_every, "--rethink-every"), refine_lr=args.refine_lr,
+                  refine_objective=args.refine_objective,
                   workers=args.workers, threads=args.threads, progress=not args.no_progress)
     write_report(res, args.out)
     print_table(res)

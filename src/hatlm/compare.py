@@ -2,7 +2,7 @@
 
     hatlm compare --train FILE --eval FILE [--eval FILE ...] --out DIR [--steps N] [--seeds N]
                   [--arms causal,pause,hybrid,looped,deep] [--config FILE] [--set KEY=VALUE ...]
-                  [--halting-threshold EPS]
+                  [--halting-threshold EPS] [--refine-steps G,...] [--rethink-every R,...]
 
 Every arm (docs/design.md §3: `causal`, `pause`, `hybrid`, `looped`, `deep`, built in `ModelConfig`:
 causal/pause/looped parameter-matched to the hybrid, deep FLOP-matched at the training depth) is
@@ -12,14 +12,17 @@ greedy exact-match accuracy for prompt/answer data (the `hatlm eval` measure), l
 plain text. The arms that think (hybrid, looped) are also evaluated with more (and fewer)
 thinking iterations than they were trained with (accuracy and inference FLOPs per T), and with
 `halting_threshold` at adaptive depth (accuracy and mean iterations per example, per eval file: easy
-vs hard levels).
+vs hard levels). With `refine_steps` / `rethink_every` every hybrid run is also evaluated with each
+setting (gradient refinement of the thoughts, re-thinking during generation): accuracy per record
+and, in the summary, mean ± 95% CI over seeds and the paired (per seed) difference to the plain setting.
 
 `compare()` computes and writes the numbers (results.json, predictions.jsonl, runs/);
 `hatlm.reports.write_report` renders them (results.md and the plots), as `hatlm compare` does.
 
 DIR/
   results.json          {"records": [one per arm/seed/eval file], "summary": ..., "chance": ..., "eval_sets":
-                        which examples each file's metrics are on and what was left out, "config": ...}
+                        which examples each file's metrics are on and what was left out, "test_time": the
+                        hybrid's refinement / re-thinking settings vs plain, "config": ...}
   results.md            the table: mean and 95% CI (Student t over seeds) per arm, parameters, FLOPs,
                         wall time, the hybrid's accuracy vs thinking iterations, the chance floor,
                         and a plain statement of who won and whether the CIs separate them
@@ -174,9 +177,84 @@ def _run_job(job: dict[str, Any], on_step, progress: bool, say: Callable[[str], 
                               batch_size=cfg.eval_batch_size, halting_threshold=job["halting_threshold"])
             rec["halting"] = {"threshold": job["halting_threshold"], "criterion": h.halting, "max_iters": t_max,
                               "accuracy": rh["accuracy"], "mean_iterations": rh["mean_iterations"]}
+        if arm == "hybrid" and job.get("test_time") and r["metric"] == "accuracy":
+            rec["test_time"] = evaluate_test_time(model, tokenizer, ev, job["test_time"], job["max_eval_examples"],
+                                                  cfg.eval_batch_size)
         rec["_predictions"] = r.get("predictions", [])[:50]
         records.append(rec)
     return {"run": run_info, "records": records}
+
+
+# ------------------------------------------------------------------------------------ refinement / re-thinking
+
+
+def refine_rethink_settings(refine_steps: Sequence[int] = (), rethink_every: Sequence[int] = (),
+                            refine_lr: float = 0.1, refine_objective: str = "entropy") -> list[dict[str, Any]]:
+    """The extra test-time settings a hybrid run is evaluated with: each G of refine_steps (gradient
+    refinement of the thoughts, `refine_lr`, `refine_objective`) and each R of rethink_every, one at a
+    time (not combined). → [{"name": "refine_steps=G", "options": {generate's keyword arguments}}, ...]."""
+    from hatlm.thinking import REFINE_OBJECTIVES
+
+    def positive(values: Sequence[int], flag: str) -> list[int]:
+        vals = list(values)
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in vals):
+            raise UserError(f"{flag}: expected positive integers (0 is the plain setting, always evaluated); got "
+                            f"{vals}")
+        if len(set(vals)) != len(vals):
+            raise UserError(f"{flag}: a value is listed twice ({vals})")
+        return vals
+
+    gs, rs = positive(refine_steps, "--refine-steps"), positive(rethink_every, "--rethink-every")
+    if gs:
+        if not isinstance(refine_lr, (int, float)) or not refine_lr > 0 or not math.isfinite(refine_lr):
+            raise UserError(f"--refine-lr must be > 0; got {refine_lr}")
+        if refine_objective not in REFINE_OBJECTIVES:
+            raise UserError(f"--refine-objective must be one of {', '.join(REFINE_OBJECTIVES)}; got "
+                            f"{refine_objective!r}")
+    return ([{"name": f"refine_steps={g}", "options": {"refine_steps": g, "refine_lr": float(refine_lr),
+                                                      "refine_objective": refine_objective}} for g in gs]
+            + [{"name": f"rethink_every={r}", "options": {"rethink_every": r}} for r in rs])
+
+
+def evaluate_test_time(model, tokenizer, ev, settings: list[dict[str, Any]], max_examples: int | None,
+                       batch_size: int) -> dict[str, dict[str, Any]]:
+    """Greedy accuracy of one hybrid on one eval set under each test-time setting (same examples and
+    thinking depth as the record's plain accuracy) → {name: {"accuracy", "options"[, "refine_before",
+    "refine_after"]}}."""
+    out = {}
+    for st in settings:
+        r = evaluate_set(model, tokenizer, ev, think_iters=None, max_examples=max_examples, batch_size=batch_size,
+                         **st["options"])
+        out[st["name"]] = {"accuracy": r["accuracy"], "options": dict(st["options"]),
+                           **{k: r[k] for k in ("refine_before", "refine_after") if k in r}}
+    return out
+
+
+def summarize_test_time(records: list[dict[str, Any]], evals: list[str]) -> dict[str, Any]:
+    """Per eval file, for the hybrid: the plain accuracy and, per test-time setting, its mean ± 95% CI
+    over seeds and the difference to the plain setting paired per seed (mean ± CI of the per-seed
+    differences: the seed-to-seed spread the two share cancels)."""
+    out: dict[str, Any] = {}
+    for e in evals:
+        rs = sorted((r for r in records if r["arm"] == "hybrid" and r["eval_file"] == e and "test_time" in r),
+                    key=lambda r: r["seed"])
+        if not rs:
+            continue
+        plain = [r["accuracy"] for r in rs]
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in rs], "plain": {"values": plain,
+                                                                            **dict(zip(("mean", "ci95"),
+                                                                                       mean_ci(plain)))}}
+        settings = {}
+        for name in rs[0]["test_time"]:
+            vals = [r["test_time"][name]["accuracy"] for r in rs]
+            diffs = [v - p for v, p in zip(vals, plain, strict=True)]
+            m, ci = mean_ci(vals)
+            dm, dci = mean_ci(diffs)
+            settings[name] = {"values": vals, "mean": m, "ci95": ci, "diffs": diffs, "diff_mean": dm,
+                              "diff_ci95": dci, "options": rs[0]["test_time"][name]["options"]}
+        entry["settings"] = settings
+        out[e] = entry
+    return out
 
 
 def eval_set_info(ev, n_scored: int, curve_max: int) -> dict[str, Any]:
@@ -217,6 +295,10 @@ def compare(
     base: TrainConfig | None = None,
     think_sweep: Sequence[int] = DEFAULT_THINK_SWEEP,
     halting_threshold: float | None = None,
+    refine_steps: Sequence[int] = (),
+    rethink_every: Sequence[int] = (),
+    refine_lr: float = 0.1,
+    refine_objective: str = "entropy",
     max_eval_examples: int | None = None,
     show_examples: int = 0,
     workers: int | None = None,
@@ -256,6 +338,10 @@ def compare(
         raise UserError("give at least one --eval FILE")
     if any((not isinstance(t, int)) or t < 0 for t in think_sweep):
         raise UserError(f"thinking iterations to sweep must be non-negative integers; got {list(think_sweep)}")
+    settings = refine_rethink_settings(refine_steps, rethink_every, refine_lr, refine_objective)
+    if settings and "hybrid" not in arms:
+        raise UserError("--refine-steps / --rethink-every evaluate the hybrid arm (they act on its thoughts); "
+                        f"--arms has no hybrid ({', '.join(arms)})")
     check_data_path(train_spec, "--train")
     for e in eval_specs:
         check_data_path(e, "--eval")
@@ -271,7 +357,7 @@ def compare(
     jobs = [{"config": apply_overrides(base, {"arm": arm, "seed": seed}, source="compare").to_dict(),
              "run_dir": str(out / "runs" / f"{arm}-seed{seed}"), "eval_specs": list(eval_specs),
              "think_sweep": list(think_sweep), "max_eval_examples": max_eval_examples,
-             "halting_threshold": halting_threshold, "threads": threads}
+             "halting_threshold": halting_threshold, "threads": threads, "test_time": settings}
             for seed in seed_list for arm in arms]
     t_start = time.perf_counter()
     if workers > 1 and len(jobs) > 1:
@@ -308,6 +394,8 @@ def compare(
         "think_sweep": list(think_sweep),
         "halting_threshold": halting_threshold,
         "show_pages": pages,
+        "test_time_settings": settings,
+        "test_time": summarize_test_time(records, list(eval_specs)),
         "config": base.to_dict(),
         "arms": arms,
         "seeds": seed_list,

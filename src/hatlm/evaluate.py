@@ -52,12 +52,15 @@ def answer_loss(logits: Tensor, input_ids: Tensor, target_mask: Tensor) -> tuple
     return loss_sum, mask.sum(), hit.all(dim=1)
 
 
-def forward_batch(model, batch, device: torch.device, think_iters: int | None, autocast: bool):
-    """(input_ids on device, model output) for a collated Batch; bf16 autocast when asked (GPU)."""
+def forward_batch(model, batch, device: torch.device, think_iters: int | None, autocast: bool,
+                  backprop_iters: int | None = None):
+    """(input_ids on device, model output) for a collated Batch; bf16 autocast when asked (GPU).
+    `backprop_iters` (training) overrides the thinker's truncated-backprop depth for this call."""
     ids = batch.input_ids.to(device)
+    extra = {} if backprop_iters is None else {"backprop_iters": backprop_iters}
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
         out = model(ids, prompt_lengths=batch.prompt_lengths.to(device), lengths=batch.lengths.to(device),
-                    think_iters=think_iters)
+                    think_iters=think_iters, **extra)
     return ids, out
 
 
@@ -132,11 +135,18 @@ def evaluate_examples(
     max_new_tokens: int | None = None,
     progress: bool = False,
     halting_threshold: float | None = None,
+    rethink_every: int | None = None,
+    refine_steps: int = 0,
+    refine_lr: float = 0.1,
+    refine_objective: str = "entropy",
 ) -> dict[str, Any]:
     """Greedy exact-match accuracy of `model` on prompt/answer `examples`.
 
     For arms that think (hybrid, looped) the result also holds "mean_iterations", the thinking
     iterations used per example (fewer than think_iters where `halting_threshold` stops a row early).
+    rethink_every / refine_steps / refine_lr / refine_objective (hybrid) go to `generate`: re-thinking
+    every R answer tokens, gradient refinement of the thoughts; with refinement the result also holds
+    "refine_before" / "refine_after", the mean objective over the examples before and after it.
 
     max_new_tokens None → the longest answer in tokens + 2 (room for EOS and one token beyond, so a
     model that runs on past the answer is caught). Returns {"accuracy", "n", "per_task": {task:
@@ -153,6 +163,9 @@ def evaluate_examples(
         raise UserError(f"batch_size must be >= 1; got {batch_size}")
     if max_new_tokens is None:
         max_new_tokens = max(len(tokenizer.encode(ex.answer, bos=False)) for ex in examples) + 2
+    options = {"rethink_every": rethink_every, "refine_steps": refine_steps, "refine_lr": refine_lr,
+               "refine_objective": refine_objective}
+    refine_obj: list[tuple[float, float]] = []
     # Batch prompts of similar length together (less padding work); results go back in input order.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
     predictions: list[str] = [""] * len(examples)
@@ -164,10 +177,13 @@ def evaluate_examples(
             for s in range(0, len(order), batch_size):
                 idx = order[s : s + batch_size]
                 out = generate(model, tokenizer, [examples[i].prompt for i in idx], max_new_tokens=max_new_tokens,
-                               temperature=0.0, think_iters=think_iters, halting_threshold=halting_threshold)
+                               temperature=0.0, think_iters=think_iters, halting_threshold=halting_threshold,
+                               **options)
                 for i, text, st in zip(idx, out.texts, out.stats):
                     predictions[i] = text
                     iterations[i] = int(st.get("think_iterations", 0))
+                    if st.get("refine_before") is not None:
+                        refine_obj.append((st["refine_before"], st["refine_after"]))
                 bar.update(len(idx))
     finally:
         model.train(was_training)
@@ -181,7 +197,7 @@ def evaluate_examples(
         per_task[ex.task][1] += 1
         per_task[ex.task][2] += it
     correct = sum(r["correct"] for r in records)
-    return {
+    result = {
         "accuracy": correct / len(records),
         "n": len(records),
         "mean_iterations": sum(iterations) / len(records),
@@ -189,6 +205,10 @@ def evaluate_examples(
                      for t, (c, n, i) in sorted(per_task.items())},
         "predictions": records,
     }
+    if refine_obj:
+        result["refine_before"] = float(np.mean([b for b, _ in refine_obj]))
+        result["refine_after"] = float(np.mean([a for _, a in refine_obj]))
+    return result
 
 
 # ------------------------------------------------------------------------------ eval sets
@@ -201,18 +221,21 @@ def select_examples(ev: EvalSet, max_examples: int | None) -> list[Example]:
 
 
 def evaluate_set(model, tokenizer, ev: EvalSet, *, think_iters: int | None, max_examples: int | None = None,
-                 batch_size: int = 64, halting_threshold: float | None = None) -> dict[str, Any]:
+                 batch_size: int = 64, halting_threshold: float | None = None, **generate_options: Any
+                 ) -> dict[str, Any]:
     """Greedy exact-match accuracy (prompt/answer) or loss per token (text) of one model on one set;
-    with accuracy, the mean thinking iterations per example (see `evaluate_examples`)."""
+    with accuracy, the mean thinking iterations per example (see `evaluate_examples`, which also
+    takes `generate_options`: rethink_every, refine_steps, refine_lr, refine_objective)."""
     if ev.examples is None:
         rows = ev.rows[:max_examples] if max_examples else ev.rows
         r = teacher_forced(model, rows, tokenizer.pad_id, batch_size=batch_size, think_iters=think_iters)
         return {"metric": "loss", "loss": r["loss"], "perplexity": r["perplexity"], "n": r["n"], "tokens": r["tokens"]}
     r = evaluate_examples(model, tokenizer, select_examples(ev, max_examples), batch_size=batch_size,
-                          think_iters=think_iters, halting_threshold=halting_threshold)
+                          think_iters=think_iters, halting_threshold=halting_threshold, **generate_options)
     return {"metric": "accuracy", "accuracy": float(r["accuracy"]), "n": int(r["n"]),
             "mean_iterations": float(r["mean_iterations"]),
-            "per_task": {k: dict(v) for k, v in r["per_task"].items()}, "predictions": r["predictions"]}
+            "per_task": {k: dict(v) for k, v in r["per_task"].items()}, "predictions": r["predictions"],
+            **{k: r[k] for k in ("refine_before", "refine_after") if k in r}}
 
 
 def chance_floor(ev: EvalSet, max_examples: int | None = None) -> tuple[float, str]:

@@ -104,6 +104,7 @@ def render_markdown(res: dict[str, Any]) -> str:
                              f"{per_arm[a]['halting']['mean_iterations']:.2f} iterations per example on average"
                              for a in halted) + ".")
             lines.append("")
+        lines += refine_rethink_lines(res, e)
         lines.append(_verdict_text(e, res))
         lines.append("")
     lines.append("## Verdict")
@@ -143,6 +144,31 @@ def show_pages_section(entries: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {ent['example']} | `{_md_cell(ent['prompt'])}` | `{_md_cell(ent['answer'], 30)}` | "
                      + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def refine_rethink_lines(res: dict[str, Any], e: str) -> list[str]:
+    """The table "effect of refinement / re-thinking" of eval file e (hybrid), or nothing: accuracy
+    with each test-time setting (mean ± 95% CI over seeds) and its difference to the plain setting,
+    paired per seed (mean ± 95% CI of the per-seed differences, in points)."""
+    tt = res.get("test_time", {}).get(e)
+    if not tt or not tt.get("settings"):
+        return []
+    n = len(tt["seeds"])
+    lines = [f"Effect of refinement / re-thinking (hybrid, {n} seed{'s' * (n != 1)}; difference to plain paired "
+             "per seed, in points; G: gradient steps on the thoughts, R: think again every R answer tokens):", "",
+             "| setting | accuracy | per seed | Δ vs plain | Δ per seed |", "| --- | ---: | --- | ---: | --- |"]
+    p = tt["plain"]
+    lines.append(f"| plain | {_fmt_metric('accuracy', p['mean'], p['ci95'])} | "
+                 f"{', '.join(f'{100 * v:.1f}' for v in p['values'])} | | |")
+    for name, st in tt["settings"].items():
+        o = st["options"]
+        label = name + (f" (lr {o['refine_lr']:g}, {o['refine_objective']})" if "refine_lr" in o else "")
+        d = f"{100 * st['diff_mean']:+.1f}" + (f" ± {100 * st['diff_ci95']:.1f}" if not math.isnan(st["diff_ci95"])
+                                                else "")
+        lines.append(f"| {label} | {_fmt_metric('accuracy', st['mean'], st['ci95'])} | "
+                     f"{', '.join(f'{100 * v:.1f}' for v in st['values'])} | {d} | "
+                     f"{', '.join(f'{100 * v:+.1f}' for v in st['diffs'])} |")
+    return [*lines, ""]
 
 
 def _verdict_text(e: str, res: dict[str, Any]) -> str:
@@ -335,6 +361,9 @@ def print_table(res: dict[str, Any], file=None) -> None:
             if sw:
                 print(f"  {a} by test-time thinking iterations: " + ", ".join(
                     f"T={t}: {_fmt_metric(metric, m, ci)}" for t, (m, ci) in sw.items()), file=file)
+        for name, st in res.get("test_time", {}).get(e, {}).get("settings", {}).items():
+            print(f"  hybrid with {name}: {_fmt_metric('accuracy', st['mean'], st['ci95'])} "
+                  f"({100 * st['diff_mean']:+.1f} ± {100 * st['diff_ci95']:.1f} points vs plain, paired)", file=file)
     print("\n" + overall_statement(res), file=file)
 
 

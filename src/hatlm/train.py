@@ -69,7 +69,7 @@ from hatlm.distributed import (
 from hatlm.errors import ConfigError, UserError
 from hatlm.evaluate import answer_loss, forward_batch, subsample_rows, teacher_forced
 from hatlm.loader import load_model_and_tokenizer
-from hatlm.thinking import sample_think_iters
+from hatlm.thinking import progressive_loss, sample_think_iters
 from hatlm.trainstate import (
     METRICS,
     MetricsLog,
@@ -127,6 +127,9 @@ class TrainConfig:
     max_len: int = 256  # tokens per example (prompt + answer); longer ones are reported and dropped
     think_iters: int | None = None  # T while training (None: a draw from the model's think_iters_train, or its max)
     think_iters_min: int | None = None  # if set, sample the iterations uniformly in [min, think_iters] per step
+    # Deep-thinking progressive loss (hybrid, looped): (1 − α)·L(T) + α·L(n detached iterations, then k
+    # differentiated), n ~ U[0, T), k ~ U[1, T − n], T this step's iterations; drawn from (seed, step).
+    progressive_alpha: float = 0.0
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
     dtype: str = "float32"  # weights: float32 (bf16 autocast on GPU) or bfloat16 (e.g. LoRA's frozen base)
     lora: str | None = None  # "r=16,alpha=32[,dropout=0.05][,targets=q_proj+v_proj]": PEFT LoRA on the backbone
@@ -183,6 +186,12 @@ class TrainConfig:
                 raise ConfigError(
                     f"think_iters_min ({self.think_iters_min}) must not exceed think_iters ({self.think_iters})"
                 )
+        a = self.progressive_alpha
+        if not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 <= a <= 1:
+            raise ConfigError(f"progressive_alpha must be a number in [0, 1]; got {a!r}")
+        if a > 0 and self.arm not in ("hybrid", "looped"):
+            raise ConfigError(f"progressive_alpha needs an arm with thinking iterations (hybrid, looped); arm is "
+                              f"{self.arm!r}")
         if not isinstance(self.model, dict):
             raise ConfigError(f"model must be a mapping of config overrides; got {type(self.model).__name__}")
         model_keys = _model_keys()
@@ -356,6 +365,35 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 # ------------------------------------------------------------------------------------ training
 
 
+def step_loss(model, batch, device: torch.device, iters: int | None, autocast: bool, alpha: float = 0.0,
+              progressive_seed: int | None = None) -> tuple[Tensor, Any, dict[str, int]]:
+    """Summed answer CE of one micro-batch (→ loss_sum, the model output, the progressive draws).
+
+    alpha = 0: one forward at `iters` (the plain loss). alpha > 0: `thinking.progressive_loss` with
+    T = iters: (1 − α)·L(T) + α·L(n detached iterations, then k differentiated ones), its (n, k)
+    drawn from a generator seeded by `progressive_seed` — the same for every micro-batch of a step.
+    The returned output is that of the first forward (at T when α < 1; its iteration counts go to the metrics).
+    """
+    if alpha == 0:
+        ids, out = forward_batch(model, batch, device, iters, autocast)
+        ls, _, _ = answer_loss(out.logits, ids, batch.target_mask.to(device))
+        return ls, out, {}
+    if iters is None or iters < 1:
+        raise UserError(f"progressive_alpha needs at least 1 thinking iteration per step; got {iters}")
+    outs = []
+
+    def loss_fn(no_grad_iters: int, grad_iters: int) -> Tensor:
+        # n = 0 is the plain loss at T (with the configured truncation); n > 0 differentiates the last k only.
+        bp = grad_iters if no_grad_iters > 0 else None
+        ids, out = forward_batch(model, batch, device, no_grad_iters + grad_iters, autocast, backprop_iters=bp)
+        outs.append(out)
+        return answer_loss(out.logits, ids, batch.target_mask.to(device))[0]
+
+    g = torch.Generator().manual_seed(int(progressive_seed or 0))
+    loss, draw = progressive_loss(loss_fn, int(iters), float(alpha), g)
+    return loss, outs[0], draw
+
+
 def train(
     cfg: TrainConfig,
     out_dir: str | Path,
@@ -516,9 +554,11 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss_total = 0.0
             it_sum, tokens = 0.0, 0
+            # The progressive draw's own stream, also a pure function of (seed, step).
+            prog_seed = (cfg.seed * 1_000_003 + step) * 2 + 1
+            draw: dict[str, int] = {}
             for batch in micro:
-                ids, out_ = forward_batch(model, batch, device, iters, autocast)
-                ls, _, _ = answer_loss(out_.logits, ids, batch.target_mask.to(device))
+                ls, out_, draw = step_loss(model, batch, device, iters, autocast, cfg.progressive_alpha, prog_seed)
                 loss = ls / max(n_target, 1)  # mean over all answer tokens of the accumulated batch
                 if loss_hook is not None:
                     loss = loss_hook(step + 1, loss)
@@ -545,6 +585,7 @@ def train(
             rec = {"step": step, "split": "train", "loss": loss_total, "lr": lr_now, "grad_norm": float(grad_norm),
                    "tokens": tokens, "tokens_per_s": tokens / max(dt, 1e-9),
                    "think_iters": it_sum / len(rows), "elapsed_s": elapsed,
+                   **({f"progressive_{k}": v for k, v in draw.items()}),
                    **(model.thinking_stats() if env is None else {})}
             metrics.write(rec)
             post = {"loss": f"{loss_total:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
