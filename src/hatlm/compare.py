@@ -314,9 +314,9 @@ def compare(
     core beats one process using every core, it degrades gracefully on a machine shared with other
     work (a multi-threaded process whose threads get descheduled can slow down a hundredfold), and
     results do not depend on the machine's core count. `show_examples` > 0 writes `hatlm show` pages
-    of that many examples per thinking arm (see `write_show_pages`). Returns the content of results.json (also
-    written, with predictions.jsonl, into out_dir; `hatlm.reports.write_report` adds results.md and
-    the plots)."""
+    of that many examples per thinking arm (`hatlm.show.compare_show_pages`). Returns the content of
+    results.json (also written, with predictions.jsonl, into out_dir; `hatlm.reports.write_report` adds
+    results.md and the plots)."""
     from tqdm.auto import tqdm
 
     say = log or (lambda s: tqdm.write(s, file=sys.stderr))
@@ -382,7 +382,12 @@ def compare(
     verdicts = verdict(summary, chance, arms, list(eval_specs))
     predictions = {f"{r['arm']}|{r['seed']}|{r['eval_file']}": r.pop("_predictions") for r in records}
     curves = learning_curves(runs, list(eval_specs))
-    pages = write_show_pages(out, runs, predictions, list(eval_specs), show_examples, say) if show_examples else []
+    if show_examples:
+        from hatlm.show import compare_show_pages
+
+        pages = compare_show_pages(out, runs, predictions, list(eval_specs), show_examples, say)
+    else:
+        pages = []
     result = {
         "records": records,
         "summary": summary,
@@ -407,50 +412,6 @@ def compare(
                    ensure_ascii=False) + "\n" for k, ps in predictions.items() for p in ps))
     result["predictions"] = predictions
     return result
-
-
-SHOW_ARMS = ("hybrid",)  # the arms `hatlm show` can draw (it traces the hybrid's thinker)
-
-
-def write_show_pages(out: Path, runs: list[dict[str, Any]], predictions: dict[str, list[dict[str, Any]]],
-                     evals: list[str], k: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
-    """`hatlm show` pages of the first `k` greedy-evaluated examples of the first prompt/answer eval
-    file, one per arm that `show` can draw (the first seed's model), in OUT/show/ARM-exampleN/.
-
-    Returns one entry per example: its prompt and answer, every arm's prediction (first seed) and the
-    pages' paths relative to OUT, for results.md to link. Arms show cannot draw get no page: their
-    predictions stand in the table next to the drawn arms'."""
-    from hatlm.show import show
-
-    if not isinstance(k, int) or k < 0:
-        raise UserError(f"--show-examples must be a non-negative integer; got {k!r}")
-    first = {}
-    for r in runs:  # the first seed of each arm
-        first.setdefault(r["arm"], r)
-    # The first eval file with greedy predictions (text files are scored by loss: no prompt to show).
-    e = next((e for e in evals for a in first if predictions.get(f"{a}|{first[a]['seed']}|{e}")), None)
-    if e is None:
-        return []
-    preds = {a: predictions.get(f"{a}|{r['seed']}|{e}", [])[:k] for a, r in first.items()}
-    n = max(len(p) for p in preds.values())
-    entries = [{"eval_file": e, "example": i, "prompt": next(p[i]["prompt"] for p in preds.values() if len(p) > i),
-                "answer": next(p[i]["answer"] for p in preds.values() if len(p) > i),
-                "predictions": {a: {"prediction": p[i]["prediction"], "correct": p[i]["correct"]}
-                                for a, p in preds.items() if len(p) > i}, "pages": {}}
-               for i in range(n)]
-    for a in (a for a in first if a in SHOW_ARMS):
-        model_dir = first[a].get("model_dir") or str(Path(first[a]["run_dir"]) / "model")
-        model, tok = load_model_and_tokenizer(str(model_dir))
-        model.eval()
-        for ent in entries:
-            rel = f"show/{a}-example{ent['example']}"
-            try:
-                show(model, tok, ent["prompt"], out / rel, model_name=f"{a} seed {first[a]['seed']} ({model_dir})")
-            except UserError as err:  # e.g. a prompt too long for the model: the report says so, the rest goes on
-                say(f"show page for {a} example {ent['example']} not written: {err}")
-                continue
-            ent["pages"][a] = f"{rel}/index.html"
-    return entries
 
 
 def available_cpus() -> int:

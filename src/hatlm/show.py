@@ -28,6 +28,7 @@ import html
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -418,5 +419,48 @@ def show(model: Any, tok: Any, prompt: str, out: str | Path, think_iters: int | 
     return page
 
 
+SHOW_ARMS = ("hybrid",)  # the arms `hatlm show` can draw (it traces the hybrid's thinker)
 
-__all__ = ["Trace", "attention_probs", "nearest", "rethink_path", "show", "trace_thinking"]
+
+def compare_show_pages(out: Path, runs: list[dict[str, Any]], predictions: dict[str, list[dict[str, Any]]],
+                     evals: list[str], k: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """`hatlm show` pages of the first `k` greedy-evaluated examples of the first prompt/answer eval
+    file, one per arm that `show` can draw (the first seed's model), in OUT/show/ARM-exampleN/.
+
+    Returns one entry per example: its prompt and answer, every arm's prediction (first seed) and the
+    pages' paths relative to OUT, for results.md to link. Arms show cannot draw get no page: their
+    predictions stand in the table next to the drawn arms'."""
+    from hatlm.loader import load_model_and_tokenizer
+
+    if not isinstance(k, int) or k < 0:
+        raise UserError(f"--show-examples must be a non-negative integer; got {k!r}")
+    first = {}
+    for r in runs:  # the first seed of each arm
+        first.setdefault(r["arm"], r)
+    # The first eval file with greedy predictions (text files are scored by loss: no prompt to show).
+    e = next((e for e in evals for a in first if predictions.get(f"{a}|{first[a]['seed']}|{e}")), None)
+    if e is None:
+        return []
+    preds = {a: predictions.get(f"{a}|{r['seed']}|{e}", [])[:k] for a, r in first.items()}
+    n = max(len(p) for p in preds.values())
+    entries = [{"eval_file": e, "example": i, "prompt": next(p[i]["prompt"] for p in preds.values() if len(p) > i),
+                "answer": next(p[i]["answer"] for p in preds.values() if len(p) > i),
+                "predictions": {a: {"prediction": p[i]["prediction"], "correct": p[i]["correct"]}
+                                for a, p in preds.items() if len(p) > i}, "pages": {}}
+               for i in range(n)]
+    for a in (a for a in first if a in SHOW_ARMS):
+        model_dir = first[a].get("model_dir") or str(Path(first[a]["run_dir"]) / "model")
+        model, tok = load_model_and_tokenizer(str(model_dir))
+        model.eval()
+        for ent in entries:
+            rel = f"show/{a}-example{ent['example']}"
+            try:
+                show(model, tok, ent["prompt"], out / rel, model_name=f"{a} seed {first[a]['seed']} ({model_dir})")
+            except UserError as err:  # e.g. a prompt too long for the model: the report says so, the rest goes on
+                say(f"show page for {a} example {ent['example']} not written: {err}")
+                continue
+            ent["pages"][a] = f"{rel}/index.html"
+    return entries
+
+
+__all__ = ["Trace", "attention_probs", "compare_show_pages", "nearest", "rethink_path", "show", "trace_thinking"]
