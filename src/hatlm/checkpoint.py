@@ -41,12 +41,13 @@ other's internals.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -627,10 +628,7 @@ def save_model(
             "choose a new or empty folder"
         )
     limit = None if max_shard_size is None else parse_size(max_shard_size)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(folder) as tmp:
         tensors = [(hf_name(n), t) for n, t in _model_tensors(model).items()]
         shards = _shard(tensors, limit)
         total = sum(t.numel() * t.element_size() for _, t in tensors)
@@ -655,12 +653,23 @@ def save_model(
             tokenizer.save(tmp)
         if write_extra is not None:
             write_extra(tmp)
+    return folder
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `folder`; on success it is synced and renamed into place (replacing an
+    existing `folder` only then), on any error it is removed — a reader never sees a half-written folder."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
         _fsync_dir(tmp)
         _replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

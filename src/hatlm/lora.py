@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,24 +230,15 @@ def save_adapter_checkpoint(model: nn.Module, folder: str | Path, tokenizer: Any
                             write_extra: Any | None = None) -> Path:  # fmt: skip
     """save_adapter (+ tokenizer + extra files) written into a temporary folder and renamed into place, like
     hatlm.checkpoint.save_model: a training checkpoint of a LoRA run holds the adapter, not the base."""
-    import os
-    import uuid
-
-    from hatlm.checkpoint import _replace_dir
+    from hatlm.checkpoint import atomic_folder
 
     folder = Path(folder).expanduser()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_folder(folder) as tmp:
         save_adapter(model, tmp, base=getattr(model, "hatlm_lora_base", None))
         if tokenizer is not None:
             tokenizer.save(tmp)
         if write_extra is not None:
             write_extra(tmp)
-        _replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
