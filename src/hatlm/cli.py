@@ -684,7 +684,7 @@ COMMANDS: dict[str, Command] = {
     "demo": ("the main job: built-in task, five-arm comparison, report", demo_arguments, run_demo),
     "train": ("train one arm on a data file", train_arguments, run_train),
     "eval": ("evaluate a checkpoint on a data file", eval_arguments, run_eval),
-    "compare": ("train and compare the causal, pause and hybrid arms", compare_arguments, run_compare),
+    "compare": ("train and compare the arms (causal, pause, hybrid, looped, deep)", compare_arguments, run_compare),
     "generate": ("generate text from a checkpoint or preset", generate_arguments, run_generate),
     "init-from": ("turn a Mistral checkpoint into a hatlm hybrid (or pause) checkpoint", init_from_arguments,
                   run_init_from),
