@@ -24,6 +24,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from hardware import cpu_name  # bench/hardware.py (this script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "serve.md"
 
@@ -34,16 +36,6 @@ def _free_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> int:
@@ -117,7 +109,7 @@ def main() -> int:
         f"Command: `python bench/serve.py --model {args.model} --clients {args.clients} --requests {args.requests} "
         f"--max-tokens {args.max_tokens} --threads {args.threads}`",
         "",
-        f"Hardware: {_cpu()}, {os.cpu_count()} logical CPUs (shared); server torch threads {args.threads}. "
+        f"Hardware: {cpu_name()}, {os.cpu_count()} logical CPUs (shared); server torch threads {args.threads}. "
         f"Versions: Python {platform.python_version()}, torch {torch.__version__}, fastapi {fastapi.__version__}, "
         f"uvicorn {uvicorn.__version__}, openai {openai.__version__}.",
         "",

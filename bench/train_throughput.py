@@ -23,22 +23,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from hardware import cpu_name  # bench/hardware.py (this script's folder is on sys.path)
 
 import hatlm
 from hatlm.data import collate
 from hatlm.flops import forward_flops, train_flops_per_example
 
 ARMS = ("causal", "pause", "hybrid")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _load() -> str:

@@ -99,3 +99,27 @@ def as_if_trained(model, std: float = 0.2):
             for g in model.thought_gate:
                 g.normal_(0.0, 1.0)
     return model
+
+
+def counted_flops(model, n: int, k: int, think_iters: int | None, monkeypatch) -> int:
+    """Matrix-product FLOPs of one real forward pass (prompt n, continuation k): FlopCounterMode for the
+    projections and LM head, plus the shapes of every SDPA call (FlopCounterMode does not count the CPU
+    SDPA kernel)."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sdpa = F.scaled_dot_product_attention
+    attn = []
+
+    def recording_sdpa(q, k_, v, *args, **kwargs):
+        B, H, Q, D = q.shape
+        attn.append(2 * B * H * Q * k_.shape[2] * D + 2 * B * H * Q * k_.shape[2] * v.shape[3])
+        return sdpa(q, k_, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    ids = torch.randint(0, model.config.vocab_size, (1, n + k))
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(ids, prompt_lengths=torch.tensor([n]), think_iters=think_iters)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
+    assert attn, "the model no longer calls F.scaled_dot_product_attention: update this counter"
+    return fc.get_total_flops() + sum(attn)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import make_config
-from torch.utils.flop_counter import FlopCounterMode
+from conftest import counted_flops, make_config
 
 from hatlm.config import ARMS
 from hatlm.flops import forward_flops, inference_flops_per_example
@@ -173,25 +171,6 @@ def test_new_arms_save_and_load_exactly(arm, tmp_path):
 
 
 # ------------------------------------------------------------------------------ FLOPs
-
-
-def counted_flops(model: HatLM, n: int, k: int, think_iters: int, monkeypatch) -> int:
-    """Matrix-product FLOPs of one real forward pass: FlopCounterMode (projections, LM head) plus the
-    shapes of every SDPA call (the CPU SDPA kernel is not counted by FlopCounterMode)."""
-    sdpa = F.scaled_dot_product_attention
-    attn = []
-
-    def recording_sdpa(q, k_, v, *args, **kwargs):
-        B, H, Q, D = q.shape
-        attn.append(2 * B * H * Q * k_.shape[2] * D + 2 * B * H * Q * k_.shape[2] * v.shape[3])
-        return sdpa(q, k_, v, *args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
-    ids = torch.randint(0, 97, (1, n + k))
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(ids, prompt_lengths=torch.tensor([n]), think_iters=think_iters)
-    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
-    return fc.get_total_flops() + sum(attn)
 
 
 @pytest.mark.parametrize("arm", ARMS)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from conftest import counted_flops
 
 import hatlm
 from hatlm.cli import main
@@ -223,26 +223,6 @@ def test_eval_cli(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ FLOPs
-
-
-def counted_flops(model: hatlm.HatLM, n: int, k: int, think_iters: int, monkeypatch) -> int:
-    """FLOPs of one real forward pass: FlopCounterMode for the matrix products plus the shapes of every
-    SDPA call (FlopCounterMode does not count the CPU SDPA kernel)."""
-    sdpa = F.scaled_dot_product_attention
-    attn = []
-
-    def recording_sdpa(q, k_, v, *args, **kwargs):
-        B, H, Q, D = q.shape
-        attn.append(2 * B * H * Q * k_.shape[2] * D + 2 * B * H * Q * k_.shape[2] * v.shape[3])
-        return sdpa(q, k_, v, *args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
-    ids = torch.randint(0, 256, (1, n + k))
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(ids, prompt_lengths=torch.tensor([n]), think_iters=think_iters)
-    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
-    assert attn, "the model no longer calls F.scaled_dot_product_attention: update this counter"
-    return fc.get_total_flops() + sum(attn)
 
 
 @pytest.mark.parametrize("arm", ["causal", "pause", "hybrid"])

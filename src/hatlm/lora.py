@@ -242,10 +242,6 @@ def save_adapter_checkpoint(model: nn.Module, folder: str | Path, tokenizer: Any
     return folder
 
 
-def is_adapter_folder(folder: str | Path) -> bool:
-    return (Path(folder) / "adapter_config.json").is_file()
-
-
 def read_adapter_config(folder: str | Path) -> tuple[LoraSpec, dict[str, Any]]:
     folder = Path(folder).expanduser()
     path = folder / "adapter_config.json"
@@ -350,4 +346,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
             delattr(model, attr)
     model.requires_grad_(True)
     return model
-
